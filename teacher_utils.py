@@ -1,0 +1,1114 @@
+"""Everything the QDagger scripts share about teachers.
+
+A *teacher* here is a Dopamine DQN agent from the public ``rl_checkpoints``
+bucket (``DQN_400/<Game>/<run>/``), the prior computation that Reincarnating RL
+(Agarwal et al., NeurIPS 2022) reuses.  This module reads those checkpoints with
+numpy and flax only -- no TensorFlow, no Dopamine -- and gives the teacher the
+exact inputs it was trained on.
+
+Public API
+----------
+- :class:`DopamineNatureDQN` -- the teacher network (flax), envpool layout in.
+- :func:`read_tf_checkpoint` -- pure-Python TensorFlow tensor-bundle reader.
+- :func:`load_jax_checkpoint` -- restricted (safe) unpickler for Dopamine's
+  ``ckpt.<N>`` JAX checkpoints.
+- :func:`load_teacher` / :func:`load_teacher_params` -- find, load and check
+  the ``Online`` network of a run folder, checkpoint file or ``gs://`` address.
+- :func:`download_teacher` / :func:`download_gs` -- resumable, verified
+  download from the bucket (or a mirror: ``REINCARNATE_BUCKET_URL``).
+- :func:`make_teacher_envs` -- envpool Atari on Dopamine's protocol.
+- ``python teacher_utils.py download Breakout`` / ``inspect PATH``.
+
+Every error a user can cause is a :class:`TeacherError` with a one-line message
+that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import difflib
+import errno
+import hashlib
+import http.client
+import io
+import json
+import os
+import pickle
+import re
+import struct
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import flax.linen as nn
+import google_crc32c
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "TeacherError",
+    "CheckpointError",
+    "DownloadError",
+    "EnvIdError",
+    "DopamineNatureDQN",
+    "read_tf_checkpoint",
+    "list_tf_checkpoint",
+    "load_jax_checkpoint",
+    "TeacherCheckpoint",
+    "load_teacher",
+    "load_teacher_params",
+    "expected_param_shapes",
+    "download_teacher",
+    "download_gs",
+    "list_bucket",
+    "game_from_env_id",
+    "atari_env_ids",
+    "check_env_id",
+    "make_teacher_envs",
+    "DopamineAtariEnvs",
+    "DOPAMINE_ENV_KWARGS",
+]
+
+
+# ----------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------
+class TeacherError(RuntimeError):
+    """A problem with a teacher the user can fix; the message is one line."""
+
+
+class CheckpointError(TeacherError):
+    """A checkpoint is missing, corrupt, unsafe or does not fit the network."""
+
+
+class DownloadError(TeacherError):
+    """The bucket (or mirror) could not deliver a verified file."""
+
+
+class EnvIdError(TeacherError, ValueError):
+    """An env id envpool does not know."""
+
+
+# ----------------------------------------------------------------------------
+# The teacher network
+# ----------------------------------------------------------------------------
+class DopamineNatureDQN(nn.Module):
+    """Dopamine's Nature DQN, parameter-compatible with its checkpoints.
+
+    Input: uint8 ``(B, 4, 84, 84)`` (envpool's layout, oldest frame first).
+    Output: Q-values ``(B, num_actions)``.  Dopamine uses SAME padding, so the
+    flatten size is 11*11*64 = 7,744 (CleanRL's VALID network has 3,136).
+    """
+
+    num_actions: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Dopamine's network sees NHWC with channels = frames, oldest first.
+        x = jnp.transpose(x, (0, 2, 3, 1)).astype(jnp.float32) / 255.0
+        x = nn.relu(nn.Conv(32, (8, 8), strides=(4, 4), padding="SAME", name="Conv_0")(x))
+        x = nn.relu(nn.Conv(64, (4, 4), strides=(2, 2), padding="SAME", name="Conv_1")(x))
+        x = nn.relu(nn.Conv(64, (3, 3), strides=(1, 1), padding="SAME", name="Conv_2")(x))
+        x = x.reshape((x.shape[0], -1))  # H, W, C order, as Dopamine flattens
+        x = nn.relu(nn.Dense(512, name="Dense_0")(x))
+        return nn.Dense(self.num_actions, name="Dense_1")(x)
+
+
+def expected_param_shapes(num_actions: int) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Shapes of every parameter of :class:`DopamineNatureDQN`."""
+    return {
+        "Conv_0": {"kernel": (8, 8, 4, 32), "bias": (32,)},
+        "Conv_1": {"kernel": (4, 4, 32, 64), "bias": (64,)},
+        "Conv_2": {"kernel": (3, 3, 64, 64), "bias": (64,)},
+        "Dense_0": {"kernel": (7744, 512), "bias": (512,)},
+        "Dense_1": {"kernel": (512, num_actions), "bias": (num_actions,)},
+    }
+
+
+# ----------------------------------------------------------------------------
+# crc32c (compiled, via google-crc32c)
+# ----------------------------------------------------------------------------
+_CRC_MASK_DELTA = 0xA282EAD8
+
+
+def _masked_crc32c(data: bytes | memoryview | np.ndarray) -> int:
+    """LevelDB/TensorFlow's masked crc32c (Castagnoli)."""
+    if isinstance(data, np.ndarray):
+        data = memoryview(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------
+# TensorFlow tensor-bundle reader (no TensorFlow)
+# ----------------------------------------------------------------------------
+_TABLE_MAGIC = 0xDB4775248B80FB57
+_FOOTER_LEN = 48
+_BLOCK_TRAILER_LEN = 5  # 1 byte compression type + 4 bytes masked crc32c
+
+# TensorFlow DataType enum -> numpy dtype.  Anything else (strings, resources,
+# variants, complex) is refused: a Q-network never stores them.
+_TF_DTYPES: dict[int, np.dtype] = {
+    1: np.dtype(np.float32),
+    2: np.dtype(np.float64),
+    3: np.dtype(np.int32),
+    4: np.dtype(np.uint8),
+    5: np.dtype(np.int16),
+    6: np.dtype(np.int8),
+    9: np.dtype(np.int64),
+    10: np.dtype(np.bool_),
+    14: np.dtype(jnp.bfloat16),
+    17: np.dtype(np.uint16),
+    19: np.dtype(np.float16),
+    22: np.dtype(np.uint32),
+    23: np.dtype(np.uint64),
+}
+_TF_DTYPE_NAMES = {7: "string", 8: "complex64", 18: "complex128", 20: "resource", 21: "variant"}
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("varint runs past the end of its buffer")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _proto_fields(buf: bytes) -> Iterable[tuple[int, int, Any]]:
+    """Yield ``(field_number, wire_type, value)`` of a protobuf message."""
+    pos = 0
+    while pos < len(buf):
+        tag, pos = _varint(buf, pos)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value = buf[pos : pos + 8]
+            pos += 8
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            value = buf[pos : pos + n]
+            pos += n
+        elif wire == 5:
+            value = buf[pos : pos + 4]
+            pos += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("protobuf field runs past the end of its message")
+        yield field, wire, value
+
+
+@dataclasses.dataclass(frozen=True)
+class _BundleEntry:
+    name: str
+    dtype_enum: int
+    shape: tuple[int, ...]
+    shard: int
+    offset: int
+    size: int
+    crc32c: int | None
+    sliced: bool
+
+
+def _parse_bundle_entry(name: str, value: bytes) -> _BundleEntry:
+    dtype = shard = offset = size = 0
+    crc: int | None = None
+    shape: list[int] = []
+    sliced = False
+    for field, _, v in _proto_fields(value):
+        if field == 1:
+            dtype = v
+        elif field == 2:  # TensorShapeProto
+            for f2, _, dim in _proto_fields(v):
+                if f2 == 2:  # Dim
+                    size_ = 0
+                    for f3, _, dv in _proto_fields(dim):
+                        if f3 == 1:
+                            size_ = dv - (1 << 64) if dv >= 1 << 63 else dv
+                    shape.append(size_)
+        elif field == 3:
+            shard = v
+        elif field == 4:
+            offset = v
+        elif field == 5:
+            size = v
+        elif field == 6:
+            crc = struct.unpack("<I", v)[0]
+        elif field == 7:
+            sliced = True
+    return _BundleEntry(name, dtype, tuple(shape), shard, offset, size, crc, sliced)
+
+
+class _TableReader:
+    """Reads the LevelDB-style table in a bundle's ``.index`` file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.buf = path.read_bytes()
+        if len(self.buf) < _FOOTER_LEN:
+            raise CheckpointError(f"{path} is truncated ({len(self.buf)} bytes, shorter than the 48-byte footer); download it again")
+        footer = self.buf[-_FOOTER_LEN:]
+        (magic,) = struct.unpack("<Q", footer[-8:])
+        if magic != _TABLE_MAGIC:
+            raise CheckpointError(f"{path} is not a TensorFlow checkpoint index (bad footer magic {magic:#x}); it is truncated or another file")
+        try:
+            _, pos = _varint(footer, 0)  # the metaindex handle is unused
+            _, pos = _varint(footer, pos)
+            index_offset, pos = _varint(footer, pos)
+            index_size, _ = _varint(footer, pos)
+            self.index_handle = (index_offset, index_size)
+        except ValueError as e:
+            raise CheckpointError(f"{path} has a corrupt footer ({e}); download it again") from None
+
+    def block(self, offset: int, size: int) -> bytes:
+        end = offset + size + _BLOCK_TRAILER_LEN
+        if end > len(self.buf) - _FOOTER_LEN:
+            raise CheckpointError(f"{self.path} is truncated: a block at byte {offset} ends past the data; download it again")
+        contents = self.buf[offset : offset + size]
+        ctype = self.buf[offset + size]
+        (stored_crc,) = struct.unpack("<I", self.buf[offset + size + 1 : end])
+        if _masked_crc32c(self.buf[offset : offset + size + 1]) != stored_crc:
+            raise CheckpointError(f"{self.path} is corrupt: crc32c mismatch in the block at byte {offset}; download it again")
+        if ctype == 1:
+            raise CheckpointError(f"{self.path} uses snappy-compressed blocks, which this reader does not support; re-save it with a recent TensorFlow")
+        if ctype != 0:
+            raise CheckpointError(f"{self.path} has a block with unknown compression type {ctype}; it is corrupt or not a checkpoint index")
+        return contents
+
+    @staticmethod
+    def entries(block: bytes) -> Iterable[tuple[bytes, bytes]]:
+        (num_restarts,) = struct.unpack("<I", block[-4:])
+        limit = len(block) - 4 - 4 * num_restarts
+        if limit < 0:
+            raise ValueError("restart array larger than the block")
+        pos, key = 0, b""
+        while pos < limit:
+            shared, pos = _varint(block, pos)
+            non_shared, pos = _varint(block, pos)
+            value_len, pos = _varint(block, pos)
+            key = key[:shared] + block[pos : pos + non_shared]
+            pos += non_shared
+            value = block[pos : pos + value_len]
+            pos += value_len
+            if pos > limit:
+                raise ValueError("entry runs past the end of its block")
+            yield key, value
+
+    def items(self) -> Iterable[tuple[bytes, bytes]]:
+        try:
+            index = self.block(*self.index_handle)
+            for _, handle in self.entries(index):
+                off, p = _varint(handle, 0)
+                size, _ = _varint(handle, p)
+                yield from self.entries(self.block(off, size))
+        except ValueError as e:
+            raise CheckpointError(f"{self.path} is corrupt ({e}); download it again") from None
+
+
+def _bundle_prefix(prefix: str | os.PathLike) -> Path:
+    p = str(prefix)
+    for suffix in (".index", ".meta"):
+        if p.endswith(suffix):
+            p = p[: -len(suffix)]
+    p = re.sub(r"\.data-\d{5}-of-\d{5}$", "", p)
+    return Path(p)
+
+
+def _read_bundle_index(prefix: Path) -> tuple[int, dict[str, _BundleEntry]]:
+    index_path = prefix.with_name(prefix.name + ".index")
+    if not index_path.is_file():
+        raise CheckpointError(f"no TensorFlow checkpoint at {prefix} ({index_path.name} is missing); pass the prefix, e.g. .../checkpoints/tf_ckpt-199")
+    table = _TableReader(index_path)
+    num_shards, entries = 1, {}
+    for key, value in table.items():
+        if key == b"":  # BundleHeaderProto
+            try:
+                for field, _, v in _proto_fields(value):
+                    if field == 1:
+                        num_shards = v
+                    elif field == 2 and v != 0:
+                        raise CheckpointError(f"{index_path} was written big-endian, which this reader does not support")
+            except ValueError as e:
+                raise CheckpointError(f"{index_path} has a corrupt header ({e}); download it again") from None
+            continue
+        name = key.decode("utf-8", "replace")
+        try:
+            entries[name] = _parse_bundle_entry(name, value)
+        except ValueError as e:
+            raise CheckpointError(f"{index_path} has a corrupt entry for {name!r} ({e}); download it again") from None
+    return num_shards, entries
+
+
+def list_tf_checkpoint(prefix: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype_name)}`` of a tensor bundle, reading only the index."""
+    _, entries = _read_bundle_index(_bundle_prefix(prefix))
+    out = {}
+    for name, e in entries.items():
+        dt = _TF_DTYPES.get(e.dtype_enum)
+        out[name] = (e.shape, dt.name if dt is not None else _TF_DTYPE_NAMES.get(e.dtype_enum, f"dtype#{e.dtype_enum}"))
+    return out
+
+
+def read_tf_checkpoint(prefix: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Read a TensorFlow tensor bundle (``<prefix>.index`` + ``.data-*``).
+
+    Every block and tensor is checked against its crc32c.  ``names`` restricts
+    the read to those variables (the others are never touched).  Returns
+    C-ordered numpy arrays, bit-exact copies of what TensorFlow wrote.
+    """
+    prefix = _bundle_prefix(prefix)
+    num_shards, entries = _read_bundle_index(prefix)
+    if names is not None:
+        wanted = list(names)
+        missing = [n for n in wanted if n not in entries]
+        if missing:
+            raise CheckpointError(f"{prefix} has no variable {missing[0]!r}; `python teacher_utils.py inspect {prefix}` lists what it has")
+        entries = {n: entries[n] for n in wanted}
+    out: dict[str, np.ndarray] = {}
+    files: dict[int, Any] = {}
+    try:
+        for name, e in sorted(entries.items(), key=lambda kv: (kv[1].shard, kv[1].offset)):
+            if e.sliced:
+                raise CheckpointError(f"{prefix}: variable {name!r} is partitioned (sliced), which this reader does not support")
+            dtype = _TF_DTYPES.get(e.dtype_enum)
+            if dtype is None:
+                kind = _TF_DTYPE_NAMES.get(e.dtype_enum, f"enum {e.dtype_enum}")
+                raise CheckpointError(f"{prefix}: variable {name!r} has unsupported dtype {kind}; only numeric tensors can be read (pass names= to skip it)")
+            count = int(np.prod(e.shape, dtype=np.int64))
+            if count * dtype.itemsize != e.size:
+                raise CheckpointError(f"{prefix}: variable {name!r} has {e.size} bytes but shape {e.shape} of {dtype.name} needs {count * dtype.itemsize}; the index is corrupt")
+            if e.shard not in files:
+                data_path = prefix.with_name(f"{prefix.name}.data-{e.shard:05d}-of-{num_shards:05d}")
+                if not data_path.is_file():
+                    raise CheckpointError(f"{data_path} is missing; download the whole checkpoint (index and data files)")
+                files[e.shard] = open(data_path, "rb")
+            f = files[e.shard]
+            raw = np.empty(e.size, np.uint8)
+            f.seek(e.offset)
+            if f.readinto(memoryview(raw)) != e.size:
+                raise CheckpointError(f"{f.name} is truncated: variable {name!r} ends past the end of the file; download it again")
+            if e.crc32c is not None and _masked_crc32c(memoryview(raw)) != e.crc32c:
+                raise CheckpointError(f"{f.name} is corrupt: crc32c mismatch in variable {name!r}; download it again")
+            out[name] = raw.view(dtype).reshape(e.shape)
+    finally:
+        for f in files.values():
+            f.close()
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Dopamine JAX checkpoints: a restricted unpickler
+# ----------------------------------------------------------------------------
+def _array_from_numpy_reduce(fun: Any, args: tuple, arr_state: tuple, aval_state: Any = None) -> np.ndarray:
+    """Stands in for jax's array reconstructors: the numpy value, nothing else."""
+    value = fun(*args)
+    if not isinstance(value, np.ndarray):
+        raise pickle.UnpicklingError("jax array reconstruction did not start from a numpy array")
+    value.__setstate__(arr_state)
+    return value
+
+
+def _frozen_dict(*args: Any, **kwargs: Any) -> dict:
+    return dict(*args, **kwargs)
+
+
+class _DataRecord(tuple):
+    """Stands in for optimizer-state classes (optax namedtuples, flax.optim
+    records): keeps the fields as a tuple, and any state as ``.state``."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_DataRecord":
+        return tuple.__new__(cls, args + tuple(kwargs.values()))
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _numpy_reconstruct() -> Any:
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+def _numpy_scalar() -> Any:
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import scalar
+    return scalar
+
+
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct(),
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar(),
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar(),
+    ("jax._src.array", "_reconstruct_array"): _array_from_numpy_reduce,
+    ("jax._src.device_array", "reconstruct_device_array"): _array_from_numpy_reduce,
+    ("flax.core.frozen_dict", "FrozenDict"): _frozen_dict,
+    ("collections", "OrderedDict"): dict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("builtins", "slice"): slice,
+}
+# numpy >= 1.25 pickles dtypes through their numpy.dtypes classes.
+for _name in dir(np.dtypes) if hasattr(np, "dtypes") else ():
+    if _name.endswith("DType"):
+        _SAFE_GLOBALS[("numpy.dtypes", _name)] = getattr(np.dtypes, _name)
+# Optimizer states only carry arrays; their classes are replaced by _DataRecord
+# (never imported), so an optax or flax.optim version mismatch cannot matter.
+_RECORD_MODULES = ("optax.", "flax.optim.", "flax.training.train_state")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[(module, name)]
+        if module.startswith(_RECORD_MODULES) and name[:1].isupper():
+            return _DataRecord
+        if module == "_codecs" and name == "encode":  # protocol-2 pickles of bytes
+            import codecs
+
+            return lambda s, enc="utf-8": codecs.encode(s, "latin1" if enc == "latin1" else "utf-8")
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def load_jax_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a Dopamine ``ckpt.<N>`` pickle without running any code in it.
+
+    Only numpy arrays/dtypes, jax array reconstructors (turned into numpy
+    arrays), ``FrozenDict`` (turned into ``dict``) and optimizer-state records
+    (turned into tuples) are allowed; any other global -- ``os.system``,
+    ``builtins.eval``, ... -- aborts the load with :class:`CheckpointError`.
+    Gzipped files (``ckpt.<N>.gz``) are read transparently.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; pass a Dopamine run folder, its checkpoints/ folder or a ckpt.<N> file")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        import gzip
+
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise CheckpointError(f"{path} is a corrupt or truncated gzip file ({e}); download it again") from None
+    try:
+        data = _RestrictedUnpickler(io.BytesIO(raw)).load()
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if re.fullmatch(r"[\w.]+\.\w+", msg):
+            raise CheckpointError(
+                f"refusing to load {path}: it references {msg}, which a Dopamine checkpoint never contains (a pickle can run code; only numpy/jax/flax/optax data is allowed)"
+            ) from None
+        raise CheckpointError(f"{path} is not a valid pickle ({msg}); it is corrupt or truncated, download it again") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); download it again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a Dopamine checkpoint dict")
+    return data
+
+
+# ----------------------------------------------------------------------------
+# Finding and loading a teacher
+# ----------------------------------------------------------------------------
+_TF_TO_FLAX = {
+    "Conv": "Conv_0",
+    "Conv_1": "Conv_1",
+    "Conv_2": "Conv_2",
+    "fully_connected": "Dense_0",
+    "fully_connected_1": "Dense_1",
+}
+_PRE_LINEN_TO_LINEN = {"Dense_3": "Dense_0", "Dense_4": "Dense_1"}
+_SENTINEL = "sentinel_checkpoint_complete."
+
+
+@dataclasses.dataclass
+class TeacherCheckpoint:
+    """A loaded teacher: where it came from and its ``Online`` parameters."""
+
+    path: Path
+    """The checkpoint file (JAX) or bundle prefix (TF) that was read."""
+    kind: str
+    """``"jax"`` (pickled ``ckpt.<N>``) or ``"tf"`` (tensor bundle ``tf_ckpt-<N>``)."""
+    iteration: int | None
+    """Dopamine iteration of the checkpoint, if known from its name."""
+    naming: str
+    """Variable naming: ``"linen"``, ``"pre-linen"``, ``"tf-weights/biases"`` or ``"tf-kernel/bias"``."""
+    params: dict
+    """``{"params": {...}}`` for :class:`DopamineNatureDQN` (numpy arrays)."""
+    variables: dict[str, tuple[tuple[int, ...], str]]
+    """Every variable in the file: name -> (shape, dtype)."""
+
+    @property
+    def num_actions(self) -> int:
+        return int(self.params["params"]["Dense_1"]["bias"].shape[0])
+
+
+def _checkpoint_iterations(names: Iterable[str]) -> dict[str, set[int]]:
+    """Classify the basenames of a ``checkpoints/`` folder (or bucket listing)."""
+    found: dict[str, set[int]] = {"sentinel": set(), "jax": set(), "tf_index": set(), "tf_data": set()}
+    for n in names:
+        if m := re.fullmatch(r"sentinel_checkpoint_complete\.(\d+)", n):
+            found["sentinel"].add(int(m[1]))
+        elif m := re.fullmatch(r"ckpt\.(\d+)", n):
+            found["jax"].add(int(m[1]))
+        elif m := re.fullmatch(r"tf_ckpt-(\d+)\.index", n):
+            found["tf_index"].add(int(m[1]))
+        elif m := re.fullmatch(r"tf_ckpt-(\d+)\.data-00000-of-(\d+)", n):
+            found["tf_data"].add(int(m[1]))
+    return found
+
+
+def _pick_iteration(names: Iterable[str], where: str, iteration: int | None, checkpoint_file_hint: int | None = None) -> tuple[str, int]:
+    """Decide the checkpoint kind and the iteration to load from file names.
+
+    TF bundles win over pickles (a TF agent's ``ckpt.<N>`` holds no weights).
+    Latest complete iteration = the largest N with its files and, where the
+    run writes sentinels, its ``sentinel_checkpoint_complete.<N>``.
+    """
+    found = _checkpoint_iterations(names)
+    tf_complete = found["tf_index"] & found["tf_data"]
+    if found["tf_index"] or found["tf_data"]:
+        kind, complete = "tf", tf_complete
+        if found["sentinel"] and iteration is None:
+            complete = complete & found["sentinel"] or ({checkpoint_file_hint} & complete if checkpoint_file_hint is not None else set()) or complete
+    elif found["jax"]:
+        kind, complete = "jax", found["jax"] & found["sentinel"]
+    else:
+        raise CheckpointError(f"no Dopamine checkpoint in {where} (expected ckpt.<N> or tf_ckpt-<N>.index files); pass a run folder such as .../DQN_400/Breakout/1")
+    if iteration is not None:
+        have = tf_complete if kind == "tf" else found["jax"]
+        if iteration not in have:
+            listing = ", ".join(map(str, sorted(have))) or "none"
+            raise CheckpointError(f"iteration {iteration} is not in {where} (complete {kind} checkpoints: {listing}); pass one of those or omit the iteration")
+        return kind, iteration
+    if not complete:
+        raise CheckpointError(f"no complete checkpoint in {where}: files of an unfinished save (no sentinel_checkpoint_complete.<N>); pass a checkpoint file directly to load it anyway")
+    if kind == "tf" and not found["sentinel"] and checkpoint_file_hint in complete:
+        return kind, int(checkpoint_file_hint)  # type: ignore[arg-type]
+    return kind, max(complete)
+
+
+def _tf_checkpoint_file_hint(folder: Path) -> int | None:
+    """Iteration named by TensorFlow's ``checkpoint`` text file, if any."""
+    f = folder / "checkpoint"
+    if not f.is_file():
+        return None
+    m = re.search(r'model_checkpoint_path:\s*"([^"]*)"', f.read_text(errors="replace"))
+    if m and (m2 := re.search(r"tf_ckpt-(\d+)$", m[1].replace("\\", "/"))):
+        return int(m2[1])
+    return None
+
+
+def _resolve_checkpoint(source: Path, iteration: int | None) -> tuple[str, Path, int | None]:
+    """Turn a user path into (kind, file or prefix, iteration)."""
+    if source.is_dir():
+        folder = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+        kind, it = _pick_iteration((p.name for p in folder.iterdir()), str(folder), iteration, _tf_checkpoint_file_hint(folder))
+        return kind, (folder / (f"tf_ckpt-{it}" if kind == "tf" else f"ckpt.{it}")), it
+    prefix = _bundle_prefix(source)
+    if prefix.with_name(prefix.name + ".index").is_file():
+        m = re.search(r"-(\d+)$", prefix.name)
+        return "tf", prefix, int(m[1]) if m else None
+    if source.is_file():
+        m = re.fullmatch(r"ckpt\.(\d+)(\.gz)?", source.name)
+        return "jax", source, int(m[1]) if m else None
+    raise CheckpointError(f"teacher checkpoint {source} does not exist; pass a run folder (.../DQN_400/Breakout/1), a ckpt.<N> file, a tf_ckpt-<N> prefix or a gs:// address")
+
+
+def _tf_online_params(tensors: Mapping[str, np.ndarray]) -> tuple[dict, str]:
+    naming = None
+    for w, b, label in (("weights", "biases", "tf-weights/biases"), ("kernel", "bias", "tf-kernel/bias")):
+        if f"Online/Conv/{w}" in tensors:
+            naming = (w, b, label)
+    if naming is None:
+        raise CheckpointError("the TF checkpoint has no Online/Conv/weights or Online/Conv/kernel: it is not a Dopamine DQN checkpoint")
+    w, b, label = naming
+    params = {}
+    for tf_name, flax_name in _TF_TO_FLAX.items():
+        try:
+            params[flax_name] = {"kernel": tensors[f"Online/{tf_name}/{w}"], "bias": tensors[f"Online/{tf_name}/{b}"]}
+        except KeyError as e:
+            raise CheckpointError(f"the TF checkpoint lacks {e.args[0]}: it is not a Dopamine Nature DQN checkpoint") from None
+    return {"params": params}, label
+
+
+def _jax_online_params(data: Mapping) -> tuple[dict, str]:
+    if "online_params" not in data:
+        keys = ", ".join(sorted(map(str, data))) or "none"
+        raise CheckpointError(f"the checkpoint has no 'online_params' (keys: {keys}): it is not a Dopamine JAX DQN checkpoint")
+    online = data["online_params"]
+    naming = "linen"
+    if isinstance(online, Mapping) and "params" in online:
+        online = online["params"]
+    if isinstance(online, Mapping) and any(k in online for k in _PRE_LINEN_TO_LINEN):
+        naming = "pre-linen"
+        online = {_PRE_LINEN_TO_LINEN.get(k, k): v for k, v in online.items()}
+    if not isinstance(online, Mapping):
+        raise CheckpointError(f"the checkpoint's online_params is a {type(online).__name__}, not a parameter dict")
+    return {"params": {k: dict(v) for k, v in online.items()}}, naming
+
+
+def _check_shapes(params: dict, where: str, num_actions: int | None) -> None:
+    p = params["params"]
+    if set(p) != set(expected_param_shapes(1)):
+        raise CheckpointError(f"{where} has layers {sorted(p)}, not Dopamine's Nature DQN (Conv_0..2, Dense_0..1)")
+    ckpt_actions = int(np.shape(p["Dense_1"]["bias"])[0]) if np.ndim(p["Dense_1"]["bias"]) == 1 else -1
+    for layer, shapes in expected_param_shapes(ckpt_actions).items():
+        for k, shape in shapes.items():
+            got = tuple(np.shape(p[layer].get(k)))
+            if got != shape:
+                raise CheckpointError(f"{where}: {layer}/{k} has shape {got}, Dopamine's Nature DQN needs {shape}; this is not a DQN_400-style teacher")
+            if np.asarray(p[layer][k]).dtype != np.float32:
+                raise CheckpointError(f"{where}: {layer}/{k} is {np.asarray(p[layer][k]).dtype}, expected float32")
+    if num_actions is not None and num_actions != ckpt_actions:
+        raise CheckpointError(
+            f"the teacher has {ckpt_actions} actions but the environment has {num_actions}: use the env id of the teacher's game "
+            f"(its minimal action set), or full_action_space=True if the teacher was trained with all 18 actions"
+        )
+
+
+def load_teacher(source: str | os.PathLike, num_actions: int | None = None, iteration: int | None = None, **download_kwargs: Any) -> TeacherCheckpoint:
+    """Find, load and check a Dopamine DQN teacher's ``Online`` network.
+
+    ``source``: a run folder (``.../DQN_400/Breakout/1``), its ``checkpoints/``
+    folder, a ``ckpt.<N>`` file, a ``tf_ckpt-<N>`` prefix (or its ``.index``),
+    or a bucket address ``gs://rl_checkpoints/DQN_400/Breakout/1`` (downloaded
+    to the cache first; ``download_kwargs`` go to :func:`download_gs`).
+    """
+    src = str(source)
+    if src.startswith("gs://"):
+        source = download_gs(src, iteration=iteration, **download_kwargs)
+    kind, path, it = _resolve_checkpoint(Path(source).expanduser(), iteration)
+    if kind == "tf":
+        listing = list_tf_checkpoint(path)
+        online = [n for n in listing if n.startswith("Online/") and "/Adam" not in n and "/RMSProp" not in n]
+        params, naming = _tf_online_params(read_tf_checkpoint(path, names=online))
+    else:
+        data = load_jax_checkpoint(path)
+        params, naming = _jax_online_params(data)
+        listing = {}
+        for layer, leaves in params["params"].items():
+            for k, v in leaves.items():
+                a = np.asarray(v)
+                listing[f"online_params/{layer}/{k}"] = (a.shape, a.dtype.name)
+        if it is None and isinstance(data.get("current_iteration"), (int, np.integer)):
+            it = int(data["current_iteration"])
+    params = {"params": {layer: {k: np.asarray(v) for k, v in leaves.items()} for layer, leaves in params["params"].items()}}
+    _check_shapes(params, str(path), num_actions)
+    return TeacherCheckpoint(path=path, kind=kind, iteration=it, naming=naming, params=params, variables=listing)
+
+
+def load_teacher_params(source: str | os.PathLike, num_actions: int | None = None, iteration: int | None = None, **download_kwargs: Any) -> dict:
+    """Params for :class:`DopamineNatureDQN` from a teacher (see :func:`load_teacher`),
+    already on the default JAX device."""
+    return jax.device_put(load_teacher(source, num_actions, iteration, **download_kwargs).params)
+
+
+# ----------------------------------------------------------------------------
+# Downloading from the bucket
+# ----------------------------------------------------------------------------
+BUCKET = "rl_checkpoints"
+DEFAULT_BUCKET_URL = "https://storage.googleapis.com"
+BUCKET_URL_ENV = "REINCARNATE_BUCKET_URL"
+CACHE_ENV = "REINCARNATE_CACHE"
+_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """``$REINCARNATE_CACHE`` or ``~/.cache/reincarnate``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "reincarnate").expanduser()
+
+
+def _base_url(base_url: str | None) -> str:
+    return (base_url or os.environ.get(BUCKET_URL_ENV) or DEFAULT_BUCKET_URL).rstrip("/")
+
+
+def _unreachable(base: str, reason: Any) -> DownloadError:
+    return DownloadError(
+        f"cannot reach the teacher bucket at {base} ({reason}); copy the run folder (gs://{BUCKET}/DQN_400/<Game>/<run>/) elsewhere "
+        f"and pass its local path (e.g. --teacher-checkpoint /data/DQN_400/Breakout/1), or set {BUCKET_URL_ENV} to a mirror"
+    )
+
+
+def _open(url: str, base: str, what: str, headers: Mapping[str, str] | None = None, timeout: float = 60.0) -> Any:
+    req = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        return urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise DownloadError(f"{what} not found in the bucket (HTTP 404 for {url}); check the game, run and iteration") from None
+        raise DownloadError(f"{what}: HTTP {e.code} {e.reason} from {url}; try again later or use a mirror ({BUCKET_URL_ENV})") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise _unreachable(base, getattr(e, "reason", e)) from None
+
+
+def list_bucket(prefix: str, *, base_url: str | None = None, bucket: str = BUCKET) -> list[dict]:
+    """Every object under ``prefix`` (GCS JSON listing API, all pages)."""
+    base = _base_url(base_url)
+    items: list[dict] = []
+    token = None
+    while True:
+        query = {"prefix": prefix, **({"pageToken": token} if token else {})}
+        url = f"{base}/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(query)}"
+        with _open(url, base, f"listing of gs://{bucket}/{prefix}") as r:
+            try:
+                page = json.loads(r.read())
+            except (ValueError, OSError) as e:
+                raise DownloadError(f"the listing of gs://{bucket}/{prefix} from {base} is not valid JSON ({e}); is {BUCKET_URL_ENV} a GCS endpoint?") from None
+        items.extend(page.get("items", []))
+        token = page.get("nextPageToken")
+        if not token:
+            return items
+
+
+def game_from_env_id(env_id: str) -> str:
+    """``"Breakout-v5"`` -> ``"Breakout"`` (the bucket's CamelCase game name)."""
+    name = env_id.split("/")[-1]
+    name = re.sub(r"(NoFrameskip)?-v\d+$", "", name)
+    if not name:
+        raise EnvIdError(f"cannot derive a game name from env id {env_id!r}; use an id like Breakout-v5")
+    return name[0].upper() + name[1:]
+
+
+def _download_object(item: Mapping[str, Any], dest: Path, base: str, bucket: str, progress: bool, retries: int = 5) -> Path:
+    """Stream one object to ``dest.part``, resume with Range, verify, rename."""
+    name = item["name"]
+    size = int(item.get("size", -1))
+    if dest.is_file() and (size < 0 or dest.stat().st_size == size):
+        return dest  # verified when it was renamed into place
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    url = f"{base}/{bucket}/{urllib.parse.quote(name, safe='/')}"
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=size if size >= 0 else None, unit="B", unit_scale=True, unit_divisor=1024, desc=Path(name).name, file=sys.stderr, leave=False)
+    try:
+        attempt = 0
+        while True:
+            have = part.stat().st_size if part.exists() else 0
+            if size >= 0 and have > size:  # a stale part from another version of the object
+                part.unlink()
+                have = 0
+            if bar is not None:
+                bar.reset(total=size if size >= 0 else None)
+                bar.update(have)
+            if size >= 0 and have == size:
+                break
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            try:
+                with _open(url, base, f"gs://{bucket}/{name}", headers) as r:
+                    if have and r.status != 206:  # server ignored Range: start over
+                        have = 0
+                    with open(part, "ab" if have else "wb") as f:
+                        while chunk := r.read(_CHUNK):
+                            f.write(chunk)
+                            if bar is not None:
+                                bar.update(len(chunk))
+                if size < 0 or part.stat().st_size >= size:
+                    break
+                raise ConnectionError("connection closed early")
+            except (ConnectionError, TimeoutError, http.client.HTTPException) as e:
+                attempt += 1
+                if attempt > retries:
+                    raise DownloadError(f"download of gs://{bucket}/{name} kept failing ({e}); run the same command again to resume from {part}") from None
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise DownloadError(f"disk full while writing {part}; free space or set {CACHE_ENV} (or --cache-dir) to a larger disk, then run again to resume") from None
+                raise
+    finally:
+        if bar is not None:
+            bar.close()
+    _verify(part, item, bucket)
+    os.replace(part, dest)
+    return dest
+
+
+def _verify(part: Path, item: Mapping[str, Any], bucket: str) -> None:
+    """Check size, md5 and crc32c against the listing; delete the part on mismatch."""
+    name = item["name"]
+    problem = None
+    size = int(item.get("size", -1))
+    if size >= 0 and part.stat().st_size != size:
+        problem = f"size {part.stat().st_size} != {size}"
+    else:
+        md5 = hashlib.md5()
+        crc = google_crc32c.Checksum()
+        with open(part, "rb") as f:
+            while chunk := f.read(_CHUNK * 8):
+                md5.update(chunk)
+                crc.update(chunk)
+        if "md5Hash" in item and base64.b64encode(md5.digest()).decode() != item["md5Hash"]:
+            problem = "md5 mismatch"
+        elif "crc32c" in item and base64.b64encode(crc.digest()).decode() != item["crc32c"]:
+            problem = "crc32c mismatch"
+    if problem:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"gs://{bucket}/{name} failed verification ({problem}); the partial file was deleted, run again to download it afresh")
+
+
+def _replay_wanted(rel: str, iteration: int) -> bool:
+    base = rel.rsplit("/", 1)[-1]
+    if rel.startswith("checkpoints/"):
+        return bool(re.search(rf"_ckpt\.{iteration}\.gz$", base))
+    if rel.startswith("replay_logs/"):
+        return bool(re.search(rf"_ckpt\.{(iteration + 1) // 4}\.gz$", base))
+    return False
+
+
+def _download_prefix(prefix: str, cache_dir: Path, iteration: int | None, base_url: str | None, include_replay: bool, progress: bool, bucket: str = BUCKET) -> Path:
+    prefix = prefix.strip("/") + "/"
+    base = _base_url(base_url)
+    items = list_bucket(prefix, base_url=base, bucket=bucket)
+    if not items:
+        raise TeacherError(f"nothing at gs://{bucket}/{prefix} (on {base}); check the game name (CamelCase, e.g. SpaceInvaders) and the run number")
+    rel = {it["name"][len(prefix) :]: it for it in items}
+    ckpt_names = {r.split("/", 1)[1] for r in rel if r.startswith("checkpoints/") and r.count("/") == 1}
+    hint = None
+    if "checkpoints/checkpoint" in rel:  # tiny: fetch it first so the TF hint is known
+        _download_object(rel["checkpoints/checkpoint"], cache_dir / bucket / prefix / "checkpoints/checkpoint", base, bucket, False)
+        hint = _tf_checkpoint_file_hint(cache_dir / bucket / prefix / "checkpoints")
+    kind, it = _pick_iteration(ckpt_names, f"gs://{bucket}/{prefix}checkpoints/", iteration, hint)
+    wanted = [f"checkpoints/{_SENTINEL}{it}"]
+    if kind == "tf":
+        wanted += ["checkpoints/checkpoint", f"checkpoints/tf_ckpt-{it}.index", f"checkpoints/ckpt.{it}"]
+        wanted += [r for r in rel if re.fullmatch(rf"checkpoints/tf_ckpt-{it}\.data-\d{{5}}-of-\d{{5}}", r)]
+    else:
+        wanted.append(f"checkpoints/ckpt.{it}")
+    if include_replay:
+        wanted += [r for r in rel if _replay_wanted(r, it)]
+    local_root = cache_dir / bucket / prefix
+    for r in dict.fromkeys(wanted):
+        if r in rel:
+            _download_object(rel[r], local_root / r, base, bucket, progress)
+    return local_root
+
+
+def download_teacher(
+    game: str,
+    run: int = 1,
+    iteration: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    base_url: str | None = None,
+    include_replay: bool = False,
+    progress: bool = True,
+    agent: str = "DQN_400",
+) -> Path:
+    """Download a teacher's checkpoint (and optionally its replay) from the bucket.
+
+    ``game`` is the bucket's CamelCase name (``"Breakout"``) or an envpool id
+    (``"Breakout-v5"``).  Picks the latest complete iteration unless
+    ``iteration`` is given, fetches only what that checkpoint needs, and
+    returns the local run folder ``<cache>/rl_checkpoints/<agent>/<Game>/<run>/``.
+    Interrupted downloads resume; every file is checked against the listing's
+    size, md5 and crc32c before it gets its final name.
+    """
+    game = game_from_env_id(game) if re.search(r"-v\d+$", game) else game
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return _download_prefix(f"{agent}/{game}/{run}", cache, iteration, base_url, include_replay, progress)
+
+
+def download_gs(
+    address: str,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    iteration: int | None = None,
+    base_url: str | None = None,
+    include_replay: bool = False,
+    progress: bool = True,
+) -> Path:
+    """:func:`download_teacher` for an address ``gs://<bucket>/<run prefix>``."""
+    m = re.fullmatch(r"gs://([^/]+)/(.+?)/*", address)
+    if not m:
+        raise TeacherError(f"{address!r} is not a bucket address; use gs://rl_checkpoints/DQN_400/<Game>/<run>")
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return _download_prefix(m[2], cache, iteration, base_url, include_replay, progress, bucket=m[1])
+
+
+# ----------------------------------------------------------------------------
+# Atari environments on Dopamine's protocol
+# ----------------------------------------------------------------------------
+DOPAMINE_ENV_KWARGS: dict[str, Any] = dict(
+    repeat_action_probability=0.25,  # sticky actions (Machado et al. 2018)
+    noop_max=1,  # no no-op starts; envpool 1.2.5 segfaults on noop_max=0
+    use_fire_reset=False,
+    episodic_life=False,
+    reward_clip=False,  # we log the raw score and clip for learning ourselves
+    frame_skip=4,
+    img_height=84,
+    img_width=84,
+    stack_num=4,
+    gray_scale=True,
+    use_inter_area_resize=True,
+    max_episode_steps=27_000,
+    full_action_space=False,
+)
+
+
+def atari_env_ids() -> list[str]:
+    """The envpool Atari ids (``Breakout-v5``, ...)."""
+    from envpool.registration import registry
+
+    return sorted(i for i, spec in registry.specs.items() if spec[0] == "envpool.atari")
+
+
+def check_env_id(env_id: str) -> str:
+    """Return ``env_id`` if envpool has it as an Atari game, else raise with close matches."""
+    candidates = atari_env_ids()
+    if env_id in candidates:
+        return env_id
+    key = env_id.split("/")[-1].replace("NoFrameskip", "").replace("-v4", "-v5")
+    close = difflib.get_close_matches(key, candidates, n=4, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "teacher_utils.atari_env_ids() lists them"
+    raise EnvIdError(f"unknown Atari env id {env_id!r}: envpool ids look like Breakout-v5; {hint}")
+
+
+class DopamineAtariEnvs:
+    """envpool Atari with Dopamine's state: older stack slots are zero at an
+    episode's start (Dopamine's replay pads with zero frames, envpool repeats
+    the reset frame).  Gymnasium 5-tuple API; observations (N, 4, 84, 84) uint8.
+    envpool auto-resets: the step after a terminated/truncated one returns the
+    first observation of a new episode (reward 0, the action ignored).
+    """
+
+    def __init__(self, env_id: str, num_envs: int, seed: int, **overrides: Any):
+        import envpool
+
+        check_env_id(env_id)
+        if num_envs < 1:
+            raise TeacherError(f"num_envs must be >= 1, got {num_envs}")
+        kwargs = {**DOPAMINE_ENV_KWARGS, **overrides}
+        self.stack_num = int(kwargs["stack_num"])
+        self.envs = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, **kwargs)
+        self.env_id = env_id
+        self.num_envs = num_envs
+        self.config = dict(self.envs.config)
+        self.single_action_space = self.envs.action_space
+        self.single_observation_space = self.envs.observation_space
+        self.num_actions = int(self.single_action_space.n)
+
+    def _zero_old_slots(self, obs: np.ndarray, elapsed: np.ndarray) -> np.ndarray:
+        # A state at episode step t holds min(t + 1, 4) real frames.
+        slots = np.arange(self.stack_num)[None, :]
+        stale = slots < (self.stack_num - 1 - np.asarray(elapsed)[:, None])
+        if stale.any():
+            obs[stale] = 0
+        return obs
+
+    def reset(self, **kwargs: Any) -> tuple[np.ndarray, dict]:
+        obs, info = self.envs.reset(**kwargs)
+        return self._zero_old_slots(obs, info["elapsed_step"]), info
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        obs, reward, terminated, truncated, info = self.envs.step(np.asarray(actions))
+        return self._zero_old_slots(obs, info["elapsed_step"]), reward, terminated, truncated, info
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+def make_teacher_envs(env_id: str, num_envs: int, seed: int, **overrides: Any) -> DopamineAtariEnvs:
+    """envpool Atari configured as Dopamine trained its DQN teachers.
+
+    Sticky actions 0.25, no no-op starts, no FIRE on reset, no life-loss
+    terminals, 27,000-step cap, zeroed older stack slots at episode start.
+    ``overrides`` replace any envpool option (e.g.
+    ``repeat_action_probability=0.0`` for deterministic comparisons).
+    """
+    return DopamineAtariEnvs(env_id, num_envs, seed, **overrides)
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Download:
+    """Download a teacher checkpoint from the rl_checkpoints bucket."""
+
+    game: str
+    """Game in the bucket's CamelCase (Breakout, SpaceInvaders) or an envpool id (Breakout-v5)."""
+    run: int = 1
+    """Run number under DQN_400/<Game>/ (the bucket holds several seeds)."""
+    iteration: int | None = None
+    """Dopamine iteration to fetch; default: the latest complete one."""
+    cache_dir: str | None = None
+    """Where files go; default $REINCARNATE_CACHE or ~/.cache/reincarnate."""
+    include_replay: bool = False
+    """Also fetch the teacher's replay buffer for that iteration (several GB)."""
+    base_url: str | None = None
+    """Bucket endpoint (a mirror); default $REINCARNATE_BUCKET_URL or https://storage.googleapis.com."""
+    agent: str = "DQN_400"
+    """Agent folder in the bucket."""
+
+
+@dataclasses.dataclass
+class Inspect:
+    """Show what a teacher checkpoint holds: kind, iteration, variables, actions."""
+
+    path: str
+    """A run folder, its checkpoints/ folder, a ckpt.<N> file, a tf_ckpt-<N> prefix or a gs:// address."""
+    iteration: int | None = None
+    """Iteration to inspect; default: the latest complete one."""
+
+
+def _cli_download(cmd: Download) -> None:
+    path = download_teacher(cmd.game, cmd.run, cmd.iteration, cmd.cache_dir, base_url=cmd.base_url, include_replay=cmd.include_replay, agent=cmd.agent)
+    t = load_teacher(path)
+    print(f"{path}: {t.kind} checkpoint, iteration {t.iteration}, {t.num_actions} actions")
+
+
+def _cli_inspect(cmd: Inspect) -> None:
+    t = load_teacher(cmd.path, iteration=cmd.iteration)
+    print(f"path:        {t.path}")
+    print(f"kind:        {t.kind} ({t.naming})")
+    print(f"iteration:   {t.iteration}")
+    print(f"num_actions: {t.num_actions}")
+    print("network (DopamineNatureDQN params):")
+    for layer, leaves in t.params["params"].items():
+        for k, v in leaves.items():
+            print(f"  {layer}/{k:<7} {str(tuple(v.shape)):<18} {v.dtype}")
+    print(f"variables in file ({len(t.variables)}):")
+    for name, (shape, dtype) in sorted(t.variables.items()):
+        print(f"  {name:<48} {str(tuple(shape)):<18} {dtype}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import tyro
+
+    cmd = tyro.extras.subcommand_cli_from_dict({"download": Download, "inspect": Inspect}, args=argv)  # type: ignore[arg-type]
+    try:
+        (_cli_download if isinstance(cmd, Download) else _cli_inspect)(cmd)
+    except TeacherError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: partial downloads are kept as *.part and resume on the next run", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
