@@ -50,6 +50,7 @@ import google_crc32c
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
 
 __all__ = [
     "TeacherError",
@@ -73,6 +74,10 @@ __all__ = [
     "make_teacher_envs",
     "DopamineAtariEnvs",
     "DOPAMINE_ENV_KWARGS",
+    "ATARI_SCORES",
+    "random_score",
+    "human_normalized_score",
+    "teacher_normalized_score",
 ]
 
 
@@ -137,10 +142,10 @@ def expected_param_shapes(num_actions: int) -> dict[str, dict[str, tuple[int, ..
 _CRC_MASK_DELTA = 0xA282EAD8
 
 
-def _masked_crc32c(data: bytes | memoryview | np.ndarray) -> int:
+def _masked_crc32c(data: bytes | np.ndarray) -> int:
     """LevelDB/TensorFlow's masked crc32c (Castagnoli)."""
-    if isinstance(data, np.ndarray):
-        data = memoryview(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+    if not isinstance(data, bytes):  # the C extension only takes bytes
+        data = np.ascontiguousarray(data).tobytes() if isinstance(data, np.ndarray) else bytes(data)
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
 
@@ -368,7 +373,8 @@ def read_tf_checkpoint(prefix: str | os.PathLike, names: Iterable[str] | None = 
 
     Every block and tensor is checked against its crc32c.  ``names`` restricts
     the read to those variables (the others are never touched).  Returns
-    C-ordered numpy arrays, bit-exact copies of what TensorFlow wrote.
+    read-only C-ordered numpy arrays (views of the bytes read, no copy),
+    bit-exact copies of what TensorFlow wrote.
     """
     prefix = _bundle_prefix(prefix)
     num_shards, entries = _read_bundle_index(prefix)
@@ -397,13 +403,13 @@ def read_tf_checkpoint(prefix: str | os.PathLike, names: Iterable[str] | None = 
                     raise CheckpointError(f"{data_path} is missing; download the whole checkpoint (index and data files)")
                 files[e.shard] = open(data_path, "rb")
             f = files[e.shard]
-            raw = np.empty(e.size, np.uint8)
             f.seek(e.offset)
-            if f.readinto(memoryview(raw)) != e.size:
+            raw = f.read(e.size)
+            if len(raw) != e.size:
                 raise CheckpointError(f"{f.name} is truncated: variable {name!r} ends past the end of the file; download it again")
-            if e.crc32c is not None and _masked_crc32c(memoryview(raw)) != e.crc32c:
+            if e.crc32c is not None and _masked_crc32c(raw) != e.crc32c:
                 raise CheckpointError(f"{f.name} is corrupt: crc32c mismatch in variable {name!r}; download it again")
-            out[name] = raw.view(dtype).reshape(e.shape)
+            out[name] = np.frombuffer(raw, dtype=dtype).reshape(e.shape)  # no copy
     finally:
         for f in files.values():
             f.close()
@@ -586,19 +592,17 @@ def _pick_iteration(names: Iterable[str], where: str, iteration: int | None, che
     run writes sentinels, its ``sentinel_checkpoint_complete.<N>``.
     """
     found = _checkpoint_iterations(names)
-    tf_complete = found["tf_index"] & found["tf_data"]
     if found["tf_index"] or found["tf_data"]:
-        kind, complete = "tf", tf_complete
-        if found["sentinel"] and iteration is None:
-            complete = complete & found["sentinel"] or ({checkpoint_file_hint} & complete if checkpoint_file_hint is not None else set()) or complete
+        kind, complete = "tf", found["tf_index"] & found["tf_data"]
+        if found["sentinel"]:  # Dopamine writes the sentinel after the bundle: it is authoritative
+            complete = complete & found["sentinel"]
     elif found["jax"]:
         kind, complete = "jax", found["jax"] & found["sentinel"]
     else:
         raise CheckpointError(f"no Dopamine checkpoint in {where} (expected ckpt.<N> or tf_ckpt-<N>.index files); pass a run folder such as .../DQN_400/Breakout/1")
     if iteration is not None:
-        have = tf_complete if kind == "tf" else found["jax"]
-        if iteration not in have:
-            listing = ", ".join(map(str, sorted(have))) or "none"
+        if iteration not in complete:
+            listing = ", ".join(map(str, sorted(complete))) or "none"
             raise CheckpointError(f"iteration {iteration} is not in {where} (complete {kind} checkpoints: {listing}); pass one of those or omit the iteration")
         return kind, iteration
     if not complete:
@@ -949,6 +953,58 @@ def download_gs(
 
 
 # ----------------------------------------------------------------------------
+# Reference scores (Atari-57): G_R for the teacher-normalized score
+# ----------------------------------------------------------------------------
+# (random, human) per game, bucket CamelCase names. Random scores are those the
+# Reincarnating RL code normalises with (Video Pinball's random score is 0 there,
+# 16,256.9 in some other tables); human scores are the standard professional
+# tester scores (DQN Nature / dqn_zoo).
+ATARI_SCORES: dict[str, tuple[float, float]] = {
+    "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0),
+    "Asterix": (210.0, 8503.3), "Asteroids": (719.1, 47388.7), "Atlantis": (12850.0, 29028.1),
+    "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5), "BeamRider": (363.9, 16926.5),
+    "Berzerk": (123.7, 2630.4), "Bowling": (23.1, 160.7), "Boxing": (0.1, 12.1),
+    "Breakout": (1.7, 30.5), "Centipede": (2090.9, 12017.0), "ChopperCommand": (811.0, 7387.8),
+    "CrazyClimber": (10780.5, 35829.4), "Defender": (2874.5, 18688.9), "DemonAttack": (152.1, 1971.0),
+    "DoubleDunk": (-18.6, -16.4), "Enduro": (0.0, 860.5), "FishingDerby": (-91.7, -38.7),
+    "Freeway": (0.0, 29.6), "Frostbite": (65.2, 4334.7), "Gopher": (257.6, 2412.5),
+    "Gravitar": (173.0, 3351.4), "Hero": (1027.0, 30826.4), "IceHockey": (-11.2, 0.9),
+    "Jamesbond": (29.0, 302.8), "Kangaroo": (52.0, 3035.0), "Krull": (1598.0, 2665.5),
+    "KungFuMaster": (258.5, 22736.3), "MontezumaRevenge": (0.0, 4753.3), "MsPacman": (307.3, 6951.6),
+    "NameThisGame": (2292.3, 8049.0), "Phoenix": (761.4, 7242.6), "Pitfall": (-229.4, 6463.7),
+    "Pong": (-20.7, 14.6), "PrivateEye": (24.9, 69571.3), "Qbert": (163.9, 13455.0),
+    "Riverraid": (1338.5, 17118.0), "RoadRunner": (11.5, 7845.0), "Robotank": (2.2, 11.9),
+    "Seaquest": (68.4, 42054.7), "Skiing": (-17098.1, -4336.9), "Solaris": (1236.3, 12326.7),
+    "SpaceInvaders": (148.0, 1668.7), "StarGunner": (664.0, 10250.0), "Surround": (-10.0, 6.5),
+    "Tennis": (-23.8, -8.3), "TimePilot": (3568.0, 5229.2), "Tutankham": (11.4, 167.6),
+    "UpNDown": (533.4, 11693.2), "Venture": (0.0, 1187.5), "VideoPinball": (0.0, 17667.9),
+    "WizardOfWor": (563.5, 4756.5), "YarsRevenge": (3092.9, 54576.9), "Zaxxon": (32.5, 9173.3),
+}
+
+
+def random_score(env_id_or_game: str) -> float:
+    """G_R: the random agent's score of a game (env id or CamelCase game)."""
+    game = game_from_env_id(env_id_or_game) if re.search(r"-v\d+$", env_id_or_game) else env_id_or_game
+    if game not in ATARI_SCORES:
+        raise EnvIdError(f"no random score for {game!r}: normalised scores cover the 57 Atari games ({', '.join(list(ATARI_SCORES)[:4])}, ...)")
+    return ATARI_SCORES[game][0]
+
+
+def human_normalized_score(env_id_or_game: str, score: float) -> float:
+    """(score - random) / (human - random)."""
+    game = game_from_env_id(env_id_or_game) if re.search(r"-v\d+$", env_id_or_game) else env_id_or_game
+    rnd, human = ATARI_SCORES[game] if game in ATARI_SCORES else (random_score(game), 0.0)
+    return (score - rnd) / (human - rnd)
+
+
+def teacher_normalized_score(student_score: float, teacher_score: float, random_score: float) -> float:
+    """(G_S - G_R) / (G_T - G_R): 1 means the student matches its teacher."""
+    if teacher_score <= random_score:
+        raise ValueError(f"teacher score {teacher_score:g} is not above the random score {random_score:g}")
+    return (student_score - random_score) / (teacher_score - random_score)
+
+
+# ----------------------------------------------------------------------------
 # Atari environments on Dopamine's protocol
 # ----------------------------------------------------------------------------
 DOPAMINE_ENV_KWARGS: dict[str, Any] = dict(
@@ -1048,7 +1104,7 @@ def make_teacher_envs(env_id: str, num_envs: int, seed: int, **overrides: Any) -
 class Download:
     """Download a teacher checkpoint from the rl_checkpoints bucket."""
 
-    game: str
+    game: tyro.conf.Positional[str]
     """Game in the bucket's CamelCase (Breakout, SpaceInvaders) or an envpool id (Breakout-v5)."""
     run: int = 1
     """Run number under DQN_400/<Game>/ (the bucket holds several seeds)."""
@@ -1068,7 +1124,7 @@ class Download:
 class Inspect:
     """Show what a teacher checkpoint holds: kind, iteration, variables, actions."""
 
-    path: str
+    path: tyro.conf.Positional[str]
     """A run folder, its checkpoints/ folder, a ckpt.<N> file, a tf_ckpt-<N> prefix or a gs:// address."""
     iteration: int | None = None
     """Iteration to inspect; default: the latest complete one."""
@@ -1096,8 +1152,6 @@ def _cli_inspect(cmd: Inspect) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import tyro
-
     cmd = tyro.extras.subcommand_cli_from_dict({"download": Download, "inspect": Inspect}, args=argv)  # type: ignore[arg-type]
     try:
         (_cli_download if isinstance(cmd, Download) else _cli_inspect)(cmd)
