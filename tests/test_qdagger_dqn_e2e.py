@@ -92,7 +92,7 @@ def test_saved_model_reloads_with_the_same_q_values(e2e_run):
 
 def test_impala_student_and_wandb_offline(tmp_path, fixture_copy):
     env = {**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
-    flags = ["--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--network", "impala", "--track", *TINY]
+    flags = ["--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--network", "impala", "--track", "--capture-video", *TINY]
     flags[flags.index("--total-timesteps") + 1] = "256"
     flags[flags.index("--offline-steps") + 1] = "16"
     r = run_script(tmp_path, *flags, env=env)
@@ -101,6 +101,10 @@ def test_impala_student_and_wandb_offline(tmp_path, fixture_copy):
     assert "offline/loss" in read_events(run_dir).Tags()["scalars"]
     offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert offline_runs and list(offline_runs[0].glob("*.wandb"))
+    import imageio.v2 as imageio
+
+    video = imageio.get_reader(run_dir / "videos" / "final-eval.mp4")
+    assert video.count_frames() > 10 and video.get_data(0).shape == (168, 168, 3)
 
 
 @pytest.mark.parametrize(
