@@ -276,8 +276,7 @@ class FrameReplayBuffer:
         n, cnt = self.n_step, self.count[env]
         window = (j[:, None] + np.arange(n)[None, :]) % self.rows
         flags = self.flags[env[:, None], window]
-        written = (j[:, None] + np.arange(n)[None, :]) <= (cnt[:, None] - 1)  # rows past the newest hold stale data
-        ended = ((flags & (TERMINATED | TRUNCATED)) > 0) & written
+        ended = (flags & (TERMINATED | TRUNCATED)) > 0
         first_end = np.where(ended.any(1), ended.argmax(1), n - 1)
         L = first_end + 1
         alive = np.arange(n)[None, :] <= first_end[:, None]
@@ -286,7 +285,7 @@ class FrameReplayBuffer:
         discounts = np.where(done, 0.0, self.gamma**L)
         history = np.minimum(self.ep_step[env, j % self.rows].astype(np.int64), self.stack - 1)
         ok = (
-            (j + L <= cnt - 1)  # the bootstrap row exists
+            (j + L <= cnt - 1)  # the bootstrap row exists (so no end was read from unwritten, stale rows)
             & (j - history >= np.maximum(cnt - self.rows, 0))  # its stack was not overwritten
             & ((self.flags[env, j % self.rows] & FINAL) == 0)
         )
@@ -334,8 +333,10 @@ def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
 
 def distill_lambda_update(lam: float, student_return: float | None, teacher_return: float | None, random_return: float,
                           online_steps: int, decay_period: int) -> tuple[float, str]:
-    """lambda after an evaluation: max(1 - teacher_normalized_score, 0); 0 for good after the decay period
-    or once it reached 0. Returns (lambda, reason) where reason explains a kept value."""
+    """lambda after an evaluation: 1 - teacher_normalized_score clipped to [0, 1] (a student below the
+    random score does not push lambda, lr or the distillation weight above their offline values);
+    0 for good after the decay period or once it reached 0. Returns (lambda, reason) where reason
+    explains a kept value."""
     if online_steps >= decay_period:
         return 0.0, "decay period over"
     if lam == 0.0:
@@ -347,7 +348,7 @@ def distill_lambda_update(lam: float, student_return: float | None, teacher_retu
     if teacher_return <= random_return:
         return lam, f"teacher score {teacher_return:g} <= random score {random_return:g}: lambda keeps its value"
     tns = tu.teacher_normalized_score(student_return, teacher_return, random_return)
-    return max(1.0 - tns, 0.0), ""
+    return min(max(1.0 - tns, 0.0), 1.0), ""
 
 
 def lambda_learning_rate(lam: float, start_lr: float, end_lr: float) -> float:
@@ -650,7 +651,7 @@ def main(args: Args) -> None:
                 line += f"; lambda = {lam:.3f}" + (f" ({reason})" if reason else "")
             writer.add_scalar("charts/distill_coeff", lam * args.distill_coef, global_step)
             writer.add_scalar("charts/learning_rate", lr, global_step)
-            tqdm.write(("(e) final " if final else "(d) ") + line, file=sys.stderr)
+            tqdm.write(("(e) final " if final else "(d) ") + line)
             if frames:
                 write_video(frames, f"runs/{run_name}/videos/final-eval.mp4")
     bar.close()

@@ -71,7 +71,7 @@ def test_e2e_logs_every_phase(e2e_run):
     assert any("hyperparameters" in t for t in texts)
     # Every evaluation is reported: either a return is logged or the log line says why not.
     evals = tags & {"eval/episodic_return"}
-    assert evals or "no episode finished" in r.stderr
+    assert evals or "no episode finished" in r.stdout
     assert "(a) teacher" in r.stdout and "(b) teacher data" in r.stdout and "(c) offline" in r.stdout and "(d) online" in r.stdout
 
 
