@@ -201,6 +201,7 @@ class Batch(NamedTuple):
     next_obs: np.ndarray  # (B, 4, 84, 84) uint8: the state L steps later
     env_idx: np.ndarray  # (B,) where the samples live (for priorities)
     row_idx: np.ndarray  # (B,)
+    teacher_q: np.ndarray | None  # (B, A) teacher Q-values of obs, when the buffer caches them
 
 
 TERMINATED, TRUNCATED, FINAL = 1, 2, 4
@@ -216,9 +217,13 @@ class FrameReplayBuffer:
     episode; slots before the episode's start are zeros, as in Dopamine.
     Call ``add`` once per vector env step, with envpool's auto-reset semantics:
     the step after an episode end (a reset, action ignored) is skipped.
+    With ``teacher_q_dim`` > 0 it also keeps the teacher's Q-values of each
+    state (computed while the teacher acted), so the offline phase never runs
+    the teacher network again.
     """
 
-    def __init__(self, capacity: int, num_envs: int, n_step: int, gamma: float, stack: int = 4, frame_shape=(84, 84)):
+    def __init__(self, capacity: int, num_envs: int, n_step: int, gamma: float, stack: int = 4, frame_shape=(84, 84),
+                 teacher_q_dim: int = 0):
         self.num_envs, self.n_step, self.gamma, self.stack = num_envs, n_step, gamma, stack
         self.rows = -(-capacity // num_envs)  # per env stream
         shape = (num_envs, self.rows)
@@ -228,20 +233,23 @@ class FrameReplayBuffer:
         self.flags = np.zeros(shape, np.uint8)
         # Step of a row inside its episode, saturating: stacking only asks "< 3?".
         self.ep_step = np.zeros(shape, np.uint8)
+        self.teacher_q = np.zeros(shape + (teacher_q_dim,), np.float32) if teacher_q_dim else None
         self.count = np.zeros(num_envs, np.int64)  # rows ever written per stream
         self._t = np.zeros(num_envs, np.int64)  # episode step of the pending observation
         self._ended = np.zeros(num_envs, bool)
 
     @property
     def bytes_per_transition(self) -> float:
-        arrays = (self.frames, self.actions, self.rewards, self.flags, self.ep_step)
-        return sum(a.nbytes for a in arrays) / (self.num_envs * self.rows)
+        arrays = (self.frames, self.actions, self.rewards, self.flags, self.ep_step, self.teacher_q)
+        return sum(a.nbytes for a in arrays if a is not None) / (self.num_envs * self.rows)
 
     def __len__(self) -> int:
         return int(np.minimum(self.count, self.rows).sum())
 
-    def _write(self, envs: np.ndarray, frames, actions, rewards, flags, ep_step) -> None:
+    def _write(self, envs: np.ndarray, frames, actions, rewards, flags, ep_step, teacher_q=None) -> None:
         r = self.count[envs] % self.rows
+        if teacher_q is not None:
+            self.teacher_q[envs, r] = teacher_q
         self.frames[envs, r] = frames
         self.actions[envs, r] = actions
         self.rewards[envs, r] = rewards
@@ -249,13 +257,14 @@ class FrameReplayBuffer:
         self.ep_step[envs, r] = np.minimum(ep_step, 255)
         self.count[envs] += 1
 
-    def add(self, frames, actions, rewards, terminated, truncated, next_frames) -> None:
-        """One vector step: newest frames of s_t, a_t, r_t (clipped), flags, newest frames of s_{t+1}."""
+    def add(self, frames, actions, rewards, terminated, truncated, next_frames, teacher_q=None) -> None:
+        """One vector step: newest frames of s_t, a_t, r_t (clipped), flags, newest frames of s_{t+1}
+        (and the teacher's Q-values of s_t if the buffer caches them)."""
         live = ~self._ended
         e = np.flatnonzero(live)
         ended = (np.asarray(terminated) | np.asarray(truncated)) & live
         flags = np.where(terminated, TERMINATED, 0) | np.where(truncated, TRUNCATED, 0)
-        self._write(e, frames[e], actions[e], rewards[e], flags[e], self._t[e])
+        self._write(e, frames[e], actions[e], rewards[e], flags[e], self._t[e], None if teacher_q is None else teacher_q[e])
         self._t[e] += 1
         d = np.flatnonzero(ended)
         if d.size:  # keep the episode's last frame for bootstrapping
@@ -320,6 +329,7 @@ class FrameReplayBuffer:
             next_obs=self._stacks(env, (j + L) % self.rows),
             env_idx=env,
             row_idx=rows,
+            teacher_q=None if self.teacher_q is None else self.teacher_q[env, rows],
         )
 
 
@@ -383,12 +393,11 @@ class QState(TrainState):
     target_params: flax.core.FrozenDict
 
 
-def make_update(student: nn.Module, teacher: nn.Module, temperature: float, td_weight: float = 1.0):
+def make_update(student: nn.Module, temperature: float, td_weight: float = 1.0):
     @jax.jit
-    def update(state: QState, teacher_params, obs, actions, returns, discounts, next_obs, distill_weight, learning_rate):
+    def update(state: QState, obs, actions, returns, discounts, next_obs, teacher_q, distill_weight, learning_rate):
         next_q_target = student.apply(state.target_params, next_obs)
         td_target = nstep_td_target(returns, discounts, next_q_target)
-        teacher_q = teacher.apply(teacher_params, obs)
 
         def loss_fn(params):
             q = student.apply(params, obs)
@@ -402,6 +411,8 @@ def make_update(student: nn.Module, teacher: nn.Module, temperature: float, td_w
 
 
 def make_act(network: nn.Module):
+    """Epsilon-greedy actions and the Q-values they came from."""
+
     @jax.jit
     def act(params, obs, key, epsilon):
         q = network.apply(params, obs)
@@ -409,7 +420,7 @@ def make_act(network: nn.Module):
         k1, k2 = jax.random.split(key)
         explore = jax.random.uniform(k1, greedy.shape) < epsilon
         rand = jax.random.randint(k2, greedy.shape, 0, q.shape[-1])
-        return jnp.where(explore, rand, greedy)
+        return jnp.where(explore, rand, greedy), q
 
     return act
 
@@ -435,7 +446,7 @@ def evaluate(act, params, envs: tu.DopamineAtariEnvs, max_episodes: int, max_ste
     with tqdm(total=max_steps, desc=desc, leave=False, file=sys.stderr, mininterval=2.0) as bar:
         while steps < max_steps and len(returns) < max_episodes:
             key, k = jax.random.split(key)
-            actions = np.asarray(act(params, obs, k, epsilon))
+            actions = np.asarray(act(params, obs, k, epsilon)[0])
             obs, _, terminated, truncated, info = envs.step(actions)
             live = ~resetting
             ep_ret += np.where(live, info["reward"], 0.0)
@@ -520,11 +531,14 @@ def main(args: Args) -> None:
     student_params = student.init(student_key, np.zeros((1, 4, 84, 84), np.uint8))
     optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=args.learning_rate, eps=args.adam_eps)
     state = QState.create(apply_fn=student.apply, params=student_params, target_params=student_params, tx=optimizer)
-    update = make_update(student, teacher, args.temperature, args.td_coef)
+    update = make_update(student, args.temperature, args.td_coef)
     act_student, act_teacher = make_act(student), make_act(teacher)
+    teacher_q_values = jax.jit(teacher.apply)
 
     def train_step(state, batch: Batch, distill_weight: float, lr: float):
-        return update(state, teacher_params, batch.obs, batch.actions, batch.returns, batch.discounts, batch.next_obs,
+        # Teacher data carries the teacher's Q-values; online, the teacher is queried on the sampled states.
+        teacher_q = batch.teacher_q if batch.teacher_q is not None else teacher_q_values(teacher_params, batch.obs)
+        return update(state, batch.obs, batch.actions, batch.returns, batch.discounts, batch.next_obs, teacher_q,
                       jnp.float32(distill_weight), jnp.float32(lr))
 
     # (a) Teacher evaluation -> G_T
@@ -541,16 +555,17 @@ def main(args: Args) -> None:
     print(f"(a) {summary('teacher', returns, steps)}; random score {random_return:g} [{steps / (time.time() - t0):.0f} agent steps/s]")
 
     # (b) Teacher roll-out -> teacher replay data
-    teacher_rb = FrameReplayBuffer(max(args.teacher_steps, 1) + 8 * args.num_envs, args.num_envs, args.n_step, args.gamma)
+    teacher_rb = FrameReplayBuffer(max(args.teacher_steps, 1) + 8 * args.num_envs, args.num_envs, args.n_step, args.gamma,
+                                   teacher_q_dim=num_actions)
     t0 = time.time()
     obs, _ = envs.reset()
     collected = 0
     with tqdm(total=args.teacher_steps, desc="teacher data", file=sys.stderr, mininterval=2.0) as bar:
         while collected < args.teacher_steps:
             key, k = jax.random.split(key)
-            actions = np.asarray(act_teacher(teacher_params, obs, k, args.teacher_epsilon))
+            actions, teacher_q = jax.device_get(act_teacher(teacher_params, obs, k, args.teacher_epsilon))
             next_obs, reward, terminated, truncated, info = envs.step(actions)
-            teacher_rb.add(obs[:, -1], actions, np.clip(reward, -1.0, 1.0), terminated, truncated, next_obs[:, -1])
+            teacher_rb.add(obs[:, -1], actions, np.clip(reward, -1.0, 1.0), terminated, truncated, next_obs[:, -1], teacher_q)
             obs = next_obs
             collected += args.num_envs
             bar.update(args.num_envs)
@@ -590,7 +605,7 @@ def main(args: Args) -> None:
     while global_step < args.total_timesteps:
         epsilon = linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, global_step)
         key, k = jax.random.split(key)
-        actions = np.asarray(act_student(state.params, obs, k, epsilon))
+        actions = np.asarray(act_student(state.params, obs, k, epsilon)[0])
         next_obs, reward, terminated, truncated, info = envs.step(actions)
         rb.add(obs[:, -1], actions, np.clip(reward, -1.0, 1.0), terminated, truncated, next_obs[:, -1])
         obs = next_obs

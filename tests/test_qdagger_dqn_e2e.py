@@ -148,7 +148,7 @@ def test_offline_distillation_matches_the_teacher(fixture_copy):
     key = jax.random.PRNGKey(0)
     for _ in range(400):  # 1,600 transitions of random play, for state diversity
         key, k = jax.random.split(key)
-        actions = np.asarray(act(teacher_params, obs, k, 1.0))
+        actions = np.asarray(act(teacher_params, obs, k, 1.0)[0])
         nxt, reward, term, trunc, _ = envs.step(actions)
         rb.add(obs[:, -1], actions, np.clip(reward, -1, 1), term, trunc, nxt[:, -1])
         obs = nxt
@@ -164,7 +164,7 @@ def test_offline_distillation_matches_the_teacher(fixture_copy):
     params = student.init(jax.random.PRNGKey(1), np.zeros((1, 4, 84, 84), np.uint8))
     state = q.QState.create(apply_fn=student.apply, params=params, target_params=params,
                             tx=optax.inject_hyperparams(optax.adam)(learning_rate=1e-4, eps=1.5e-4))
-    update = q.make_update(student, teacher, temperature=0.1, td_weight=0.0)
+    update = q.make_update(student, temperature=0.1, td_weight=0.0)
     rng = np.random.default_rng(0)
     held_out = rb.sample(256, np.random.default_rng(123))
     teacher_q = teacher.apply(teacher_params, held_out.obs)
@@ -180,9 +180,34 @@ def test_offline_distillation_matches_the_teacher(fixture_copy):
     kl0, agree0 = measure(state.params)
     for _ in range(400):
         b = rb.sample(32, rng)
-        state, metrics = update(state, teacher_params, b.obs, b.actions, b.returns, b.discounts, b.next_obs,
-                                jnp.float32(1.0), jnp.float32(1e-4))
+        state, metrics = update(state, b.obs, b.actions, b.returns, b.discounts, b.next_obs,
+                                teacher.apply(teacher_params, b.obs), jnp.float32(1.0), jnp.float32(1e-4))
     kl1, agree1 = measure(state.params)
     assert kl1 < 0.5 * kl0, (kl0, kl1)  # measured: 1.35 -> 0.48
     assert agree1 > majority + 0.2 and agree1 > agree0 + 0.3, (majority, agree0, agree1)  # measured: 0.22 -> 0.77, majority 0.39
     assert float(metrics["td_loss"]) > 0  # computed but weighted by 0
+
+
+def test_rebuilt_stacks_equal_envpool_observations(fixture_copy):
+    """The teacher's Q-values cached while it acted on envpool's observations equal
+    its Q-values on the replay's rebuilt stacks: stacking, zero padding at episode
+    starts and truncation handling reproduce exactly what the env showed."""
+    teacher = tu.DopamineNatureDQN(4)
+    params = tu.load_teacher_params(fixture_copy("teacher_tf"), num_actions=4)
+    envs = tu.make_teacher_envs("Breakout-v5", 2, seed=3, max_episode_steps=40)  # many truncations
+    act = q.make_act(teacher)
+    rb = q.FrameReplayBuffer(300, 2, n_step=3, gamma=0.99, teacher_q_dim=4)  # wraps around
+    obs, _ = envs.reset()
+    key = jax.random.PRNGKey(0)
+    for _ in range(250):
+        key, k = jax.random.split(key)
+        actions, teacher_q = jax.device_get(act(params, obs, k, 0.5))
+        nxt, reward, term, trunc, _ = envs.step(actions)
+        rb.add(obs[:, -1], actions, np.clip(reward, -1, 1), term, trunc, nxt[:, -1], teacher_q)
+        obs = nxt
+    envs.close()
+    assert rb.count.min() > rb.rows  # wrapped
+    batch = rb.sample(256, np.random.default_rng(0))
+    assert (batch.obs[:, 0] == 0).all(axis=(1, 2)).any()  # some samples sit at an episode start
+    np.testing.assert_allclose(np.asarray(teacher.apply(params, batch.obs)), batch.teacher_q, atol=1e-5)
+    assert rb.bytes_per_transition <= 7200
