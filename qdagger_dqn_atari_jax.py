@@ -384,7 +384,8 @@ def qdagger_dqn_loss(q: jax.Array, actions: jax.Array, td_target: jax.Array, tea
     """L = td_weight * Huber(Q(s, a) - target) + lambda * c * KL; distill_weight is lambda * c."""
     q_taken = jnp.take_along_axis(q, actions[:, None], axis=-1)[:, 0]
     td_loss = jnp.mean(optax.huber_loss(q_taken, jax.lax.stop_gradient(td_target), delta=1.0))
-    distill = distillation_loss(teacher_q, q, temperature)
+    # With lambda * c = 0 the teacher is not queried (teacher_q is a placeholder): log 0.
+    distill = jnp.where(distill_weight > 0, distillation_loss(teacher_q, q, temperature), 0.0)
     loss = td_weight * td_loss + distill_weight * distill
     return loss, {"td_loss": td_loss, "distill_loss": distill, "loss": loss, "q_values": jnp.mean(q_taken)}
 
@@ -534,10 +535,15 @@ def main(args: Args) -> None:
     update = make_update(student, args.temperature, args.td_coef)
     act_student, act_teacher = make_act(student), make_act(teacher)
     teacher_q_values = jax.jit(teacher.apply)
+    no_teacher_q = np.zeros((args.batch_size, num_actions), np.float32)
 
     def train_step(state, batch: Batch, distill_weight: float, lr: float):
-        # Teacher data carries the teacher's Q-values; online, the teacher is queried on the sampled states.
-        teacher_q = batch.teacher_q if batch.teacher_q is not None else teacher_q_values(teacher_params, batch.obs)
+        # Teacher data carries the teacher's Q-values; online, the teacher is queried on the sampled states
+        # (only while its loss counts: lambda * c > 0).
+        if batch.teacher_q is not None:
+            teacher_q = batch.teacher_q
+        else:
+            teacher_q = teacher_q_values(teacher_params, batch.obs) if distill_weight > 0 else no_teacher_q
         return update(state, batch.obs, batch.actions, batch.returns, batch.discounts, batch.next_obs, teacher_q,
                       jnp.float32(distill_weight), jnp.float32(lr))
 
@@ -555,13 +561,14 @@ def main(args: Args) -> None:
     print(f"(a) {summary('teacher', returns, steps)}; random score {random_return:g} [{steps / (time.time() - t0):.0f} agent steps/s]")
 
     # (b) Teacher roll-out -> teacher replay data
-    teacher_rb = FrameReplayBuffer(max(args.teacher_steps, 1) + 8 * args.num_envs, args.num_envs, args.n_step, args.gamma,
+    teacher_rb = FrameReplayBuffer((args.teacher_steps if args.offline_steps > 0 else 1) + 8 * args.num_envs, args.num_envs, args.n_step, args.gamma,
                                    teacher_q_dim=num_actions)
     t0 = time.time()
     obs, _ = envs.reset()
     collected = 0
-    with tqdm(total=args.teacher_steps, desc="teacher data", file=sys.stderr, mininterval=2.0) as bar:
-        while collected < args.teacher_steps:
+    teacher_steps = args.teacher_steps if args.offline_steps > 0 else 0  # kickstarting / tabula rasa use no teacher data
+    with tqdm(total=teacher_steps, desc="teacher data", file=sys.stderr, mininterval=2.0) as bar:
+        while collected < teacher_steps:
             key, k = jax.random.split(key)
             actions, teacher_q = jax.device_get(act_teacher(teacher_params, obs, k, args.teacher_epsilon))
             next_obs, reward, terminated, truncated, info = envs.step(actions)
@@ -569,7 +576,9 @@ def main(args: Args) -> None:
             obs = next_obs
             collected += args.num_envs
             bar.update(args.num_envs)
-    if args.teacher_steps:
+    if not teacher_steps:
+        print("(b) teacher data: skipped (--offline-steps 0: no offline phase to use it)")
+    else:
         print(f"(b) teacher data: {len(teacher_rb)} rows from {collected} agent steps, {teacher_rb.bytes_per_transition:.0f} bytes/transition "
               f"[{collected / (time.time() - t0):.0f} agent steps/s]")
 

@@ -211,3 +211,16 @@ def test_rebuilt_stacks_equal_envpool_observations(fixture_copy):
     assert (batch.obs[:, 0] == 0).all(axis=(1, 2)).any()  # some samples sit at an episode start
     np.testing.assert_allclose(np.asarray(teacher.apply(params, batch.obs)), batch.teacher_q, atol=1e-5)
     assert rb.bytes_per_transition <= 7200
+
+
+def test_tabula_rasa_baseline_skips_teacher_data_and_distillation(tmp_path, fixture_copy):
+    flags = ["--teacher-checkpoint", str(fixture_copy("teacher_tf")), *TINY, "--offline-steps", "0", "--distill-coef", "0"]
+    flags[flags.index("--total-timesteps") + 1] = "256"
+    r = run_script(tmp_path, *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(b) teacher data: skipped" in r.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    acc = read_events(run_dir)
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith("offline/")]
+    assert [e.value for e in acc.Scalars("losses/distill_loss")] == [0.0] * len(acc.Scalars("losses/distill_loss"))
+    assert all(e.value == 0.0 for e in acc.Scalars("charts/distill_coeff"))

@@ -1,0 +1,123 @@
+"""End to end: qdagger_rainbow_atari_jax.py on real envpool Breakout-v5 with the committed
+Dopamine TF teacher fixture, tiny budgets, every phase checked in the TensorBoard log."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "qdagger_rainbow_atari_jax.py"
+TINY = ["--teacher-eval-episodes", "1", "--eval-episodes", "1", "--eval-steps", "500", "--teacher-steps", "256",
+        "--offline-steps", "32", "--total-timesteps", "512", "--learning-starts", "128", "--buffer-size", "1024",
+        "--batch-size", "8", "--eval-frequency", "256", "--log-frequency", "8"]
+OFFLINE_STEPS, TOTAL, LEARNING_STARTS, LOG_FREQ, TRAIN_FREQ = 32, 512, 128, 8, 4
+
+
+def run_script(tmp_path: Path, teacher: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+    cmd = [sys.executable, str(SCRIPT), "--env-id", "Breakout-v5", "--teacher-checkpoint", str(teacher), *TINY, *extra]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1
+    return proc, runs[0]
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("network", ["nature", "impala"])
+@pytest.mark.parametrize("variant", ["published", "dueling-double-noisy"])
+def test_end_to_end(tmp_path, fixture_copy, network, variant):
+    extra = ["--network", network]
+    full = variant == "dueling-double-noisy"
+    save = full and network == "impala"  # one run also saves and reloads the model
+    if full:
+        extra += ["--dueling", "--double-dqn", "--noisy"]
+    if save:
+        extra += ["--save-model"]
+    proc, run_dir = run_script(tmp_path, fixture_copy("teacher_tf"), *extra)
+    out = proc.stdout + proc.stderr
+    s = read_scalars(run_dir)
+
+    # (a) teacher evaluation: its returns, or the reason none was recorded
+    assert "(a) teacher" in proc.stdout
+    if "no episode finished" in proc.stdout.split("(a) teacher")[1].splitlines()[0]:
+        assert "teacher/episodic_return" not in s
+    else:
+        assert len(s["teacher/episodic_return"]) == 1 and "teacher/mean_return" in s
+    # (b) teacher data
+    assert "(b) teacher data: " in proc.stdout
+
+    # (c) offline phase: every log_frequency updates, at offline update numbers
+    expected_offline = list(range(LOG_FREQ, OFFLINE_STEPS + 1, LOG_FREQ))
+    for name in ["td_loss", "distill_loss", "loss", "q_values", "SPS"]:
+        assert [st for st, _ in s[f"offline/{name}"]] == expected_offline, name
+        assert all(math.isfinite(v) for _, v in s[f"offline/{name}"])
+    assert all(v > 0 for _, v in s["offline/td_loss"])  # a C51 cross-entropy
+    assert all(v >= 0 for _, v in s["offline/distill_loss"])
+    for (_, loss), (_, td), (_, kl) in zip(s["offline/loss"], s["offline/td_loss"], s["offline/distill_loss"]):
+        assert loss == pytest.approx(td + 1.0 * kl, rel=1e-4)  # lambda = 1, c = 1, uniform weights
+
+    # (d) online phase: losses and charts after learning starts
+    n_updates = (TOTAL - LEARNING_STARTS) // TRAIN_FREQ
+    for name in ["td_loss", "distill_loss", "loss", "q_values", "priority_mean"]:
+        points = s[f"losses/{name}"]
+        assert len(points) == n_updates // LOG_FREQ, name
+        assert all(LEARNING_STARTS < st <= TOTAL and math.isfinite(v) for st, v in points), name
+    assert all(v > 0 for _, v in s["losses/priority_mean"])
+    for name in ["SPS", "epsilon", "learning_rate", "distill_coeff"]:
+        assert name and s[f"charts/{name}"], name
+    assert all(0.0 <= v <= 1.0 for _, v in s["charts/distill_coeff"])  # lambda * c with c = 1
+    assert all(1e-5 - 1e-9 <= v <= 1e-4 + 1e-9 for _, v in s["charts/learning_rate"])
+    eps = [v for _, v in s["charts/epsilon"]]
+    assert all(v == 0.0 for v in eps) if full else all(0.9 < v <= 1.0 for v in eps)  # noisy nets: no epsilon
+
+    # (d)/(e) evaluations at 256 and 512: a return, or the logged reason
+    assert "(d) online step 256: student" in out and "(e) final online step 512: student" in out
+    if "eval/episodic_return" in s:
+        assert [st for st, _ in s["eval/episodic_return"]] == sorted(st for st, _ in s["eval/episodic_return"])
+        assert set(st for st, _ in s["eval/episodic_return"]) <= {256, 512}
+    else:
+        assert "no episode finished within" in out
+    if "eval/episodic_return" not in s or not any(st == 256 for st, _ in s["eval/episodic_return"]):
+        assert "lambda keeps its value" in out
+    assert "(d) online: 512 agent steps, 96 updates" in proc.stdout
+
+    if save:
+        check_saved_model(run_dir)
+
+
+def check_saved_model(run_dir: Path):
+    import flax
+    import jax
+
+    import qdagger_rainbow_atari_jax as qr
+
+    args = qr.Args(**json.loads((run_dir / "args.json").read_text()))
+    assert args.network == "impala" and args.noisy and args.dueling and args.double_dqn
+    net = qr.make_student(args, 4)
+    probe = np.load(run_dir / "q_probe.npz")
+    template = net.init(jax.random.PRNGKey(123), probe["obs"][:1])
+    params = flax.serialization.from_bytes(template, (run_dir / f"{args.exp_name}.cleanrl_model").read_bytes())
+    q = np.asarray(qr.expected_q(net.apply(params, probe["obs"]), qr.make_support(args)))
+    assert q.shape == (probe["obs"].shape[0], 4)
+    np.testing.assert_allclose(q, probe["q"], rtol=1e-5, atol=1e-5)
+    q_fresh = np.asarray(qr.expected_q(net.apply(template, probe["obs"]), qr.make_support(args)))
+    assert np.abs(q_fresh - probe["q"]).max() > 1e-4  # the reload did load something
+
+
+def test_bad_flag_is_a_one_line_error(tmp_path, fixture_copy):
+    cmd = [sys.executable, str(SCRIPT), "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--v-min", "5", "--v-max", "-5"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --v-min must be below --v-max")

@@ -1,0 +1,524 @@
+"""Unit tests of qdagger_rainbow_atari_jax: C51 projection and loss, distillation with a
+distributional student, the vectorised sum tree, prioritized frame replay, noisy /
+dueling / double-DQN variants."""
+
+import io
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tyro
+from scipy import stats
+
+import qdagger_rainbow_atari_jax as qr
+
+SUPPORT51 = np.linspace(-10.0, 10.0, 51, dtype=np.float32)  # dz = 0.4
+
+
+def project(next_probs, returns, discounts, support):
+    out = qr.project_distribution(jnp.asarray(next_probs, jnp.float32), jnp.asarray(returns, jnp.float32),
+                                  jnp.asarray(discounts, jnp.float32), jnp.asarray(support, jnp.float32))
+    return np.asarray(out, np.float64)
+
+
+def softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+# ----------------------------------------------------------------------------
+# C51 projection
+# ----------------------------------------------------------------------------
+def test_terminal_reward_on_an_atom_takes_all_mass():
+    probs = softmax(np.random.default_rng(0).normal(size=(1, 51)))
+    m = project(probs, [1.2], [0.0], SUPPORT51)  # 1.2 = z_28
+    expected = np.zeros(51)
+    expected[28] = 1.0
+    np.testing.assert_allclose(m[0], expected, atol=1e-5)
+
+
+def test_terminal_reward_between_atoms_splits_to_neighbours():
+    probs = softmax(np.random.default_rng(1).normal(size=(2, 51)))
+    m = project(probs, [0.5, -3.3], [0.0, 0.0], SUPPORT51)
+    # 0.5 lies between z_26 = 0.4 and z_27 = 0.8, a quarter of the way: 0.75 / 0.25.
+    expected = np.zeros((2, 51))
+    expected[0, 26], expected[0, 27] = 0.75, 0.25
+    # -3.3 lies between z_16 = -3.6 and z_17 = -3.2: 0.25 / 0.75.
+    expected[1, 16], expected[1, 17] = 0.25, 0.75
+    np.testing.assert_allclose(m, expected, atol=1e-5)
+
+
+def test_targets_beyond_the_support_clip_to_its_ends():
+    probs = softmax(np.random.default_rng(2).normal(size=(3, 51)))
+    m = project(probs, [15.0, -12.0, 9.0], [0.0, 0.0, 1.0], SUPPORT51)
+    np.testing.assert_allclose(m[0, -1], 1.0, atol=1e-5)
+    np.testing.assert_allclose(m[1, 0], 1.0, atol=1e-5)
+    # r = 9, discount 1: z_k -> -1 + 0.4 k, so atoms k >= 28 land beyond 10 and clip to it;
+    # k = 27 lands on 9.8, half way between z_49 and z_50
+    assert m[2, -1] == pytest.approx(probs[2, 28:].sum() + 0.5 * probs[2, 27], abs=1e-5)
+    assert np.all(m[2, :22] < 1e-7)
+
+
+def test_mass_is_conserved():
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(51), size=64)
+    m = project(probs, rng.uniform(-20, 20, 64), rng.choice([0.0, 0.99, 0.99**3, 1.0], 64), SUPPORT51)
+    np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-5)
+    assert np.all(m >= 0)
+
+
+def test_discount_shrinks_the_support():
+    z = np.array([-2.0, -1.0, 0.0, 1.0, 2.0], np.float32)
+    # uniform mass, return 0, discount 0.5: targets -1, -0.5, 0, 0.5, 1
+    m = project(np.full((1, 5), 0.2), [0.0], [0.5], z)
+    np.testing.assert_allclose(m[0], [0.0, 0.3, 0.4, 0.3, 0.0], atol=1e-6)
+    # one-hot at z = 2 with the 3-step discount gamma^3: lands at 2 * 0.970299 = 1.940598
+    g3 = 0.99**3
+    m = project(np.array([[0.0, 0.0, 0.0, 0.0, 1.0]]), [0.0], [g3], z)
+    np.testing.assert_allclose(m[0], [0.0, 0.0, 0.0, 1.0 - 2 * g3 + 1.0, 2 * g3 - 1.0], atol=1e-6)
+    # and a reward shifts it: r = -0.5 -> 1.440598 between 1 and 2
+    m = project(np.array([[0.0, 0.0, 0.0, 0.0, 1.0]]), [-0.5], [g3], z)
+    np.testing.assert_allclose(m[0], [0.0, 0.0, 0.0, 2.0 - (2 * g3 - 0.5), 2 * g3 - 0.5 - 1.0], atol=1e-6)
+
+
+def test_projection_matches_rlax_on_random_inputs():
+    rlax = pytest.importorskip("rlax")
+    rng = np.random.default_rng(4)
+    for num_atoms, v_min, v_max in [(51, -10.0, 10.0), (11, -1.0, 3.0), (2, 0.0, 1.0)]:
+        z = np.linspace(v_min, v_max, num_atoms, dtype=np.float32)
+        B = 128
+        probs = rng.dirichlet(np.ones(num_atoms) * 0.5, size=B).astype(np.float32)
+        returns = rng.uniform(2 * v_min, 2 * v_max, B).astype(np.float32)
+        discounts = rng.choice([0.0, 0.99, 0.99**2, 0.99**3, 0.5], B).astype(np.float32)
+        ours = project(probs, returns, discounts, z)
+        z_p = returns[:, None] + discounts[:, None] * z[None, :]
+        oracle = jax.vmap(rlax.categorical_l2_project, in_axes=(0, 0, None))(jnp.asarray(z_p), jnp.asarray(probs), jnp.asarray(z))
+        np.testing.assert_allclose(ours, np.asarray(oracle), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# C51 loss, double DQN target, distillation with a distributional student
+# ----------------------------------------------------------------------------
+def test_c51_loss_is_per_sample_cross_entropy():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    actions = np.array([0, 3, 2])
+    target = rng.dirichlet(np.ones(5), size=3).astype(np.float32)
+    ours = np.asarray(qr.c51_loss(jnp.asarray(logits), jnp.asarray(actions), jnp.asarray(target)))
+    chosen = logits[np.arange(3), actions]
+    log_p = chosen - np.log(np.exp(chosen).sum(-1, keepdims=True))
+    np.testing.assert_allclose(ours, -(target * log_p).sum(-1), rtol=1e-5)
+    # no gradient reaches the target distribution
+    g = jax.grad(lambda t: qr.c51_loss(jnp.asarray(logits), jnp.asarray(actions), t).sum())(jnp.asarray(target))
+    assert np.all(np.asarray(g) == 0)
+
+
+def test_double_dqn_selects_with_online_and_evaluates_target():
+    z = jnp.array([0.0, 1.0, 2.0])
+    big = 20.0
+    # target network: action 0 has expected Q 2 (all mass on z=2), action 1 Q = 0
+    target_logits = jnp.array([[[-big, -big, big], [big, -big, -big]]])
+    # online network prefers action 1
+    online_logits = jnp.array([[[big, -big, -big], [-big, -big, big]]])
+    r, d = jnp.array([0.0]), jnp.array([1.0])
+    plain = np.asarray(qr.c51_target(target_logits, online_logits, r, d, z, double_dqn=False))
+    double = np.asarray(qr.c51_target(target_logits, online_logits, r, d, z, double_dqn=True))
+    np.testing.assert_allclose(plain[0], [0, 0, 1], atol=1e-6)  # target's argmax (0), target's distribution
+    np.testing.assert_allclose(double[0], [1, 0, 0], atol=1e-6)  # online's argmax (1), target's distribution of action 1
+    # online=None is fine without double DQN
+    np.testing.assert_allclose(np.asarray(qr.c51_target(target_logits, None, r, d, z, double_dqn=False)), plain)
+
+
+def test_distillation_with_a_distributional_student_by_hand():
+    rng = np.random.default_rng(6)
+    z = np.array([-1.0, 0.0, 1.0, 2.0], np.float32)
+    logits = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    teacher_q = np.array([[0.3, 0.1, -0.2], [1.0, 1.05, 0.9]], np.float32)
+    tau = 0.1
+    q_s = (softmax(logits.astype(np.float64)) * z).sum(-1)  # expected Q over atoms, (2, 3)
+    p_t, p_s = softmax(teacher_q / tau), softmax(q_s / tau)
+    kl = (p_t * (np.log(p_t) - np.log(p_s))).sum(-1)
+    ours = np.asarray(qr.distillation_kl(jnp.asarray(teacher_q), qr.expected_q(jnp.asarray(logits), jnp.asarray(z)), tau))
+    np.testing.assert_allclose(ours, kl, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(qr.expected_q(jnp.asarray(logits), jnp.asarray(z))), q_s, rtol=1e-5)
+
+    # Full loss: importance weights scale both terms per sample.
+    actions = np.array([1, 2])
+    target = rng.dirichlet(np.ones(4), size=2).astype(np.float32)
+    w = np.array([1.0, 0.25], np.float32)
+    c = 1.0
+    ce = -(target * np.log(softmax(logits[np.arange(2), actions].astype(np.float64)))).sum(-1)
+    loss, (metrics, td) = qr.qdagger_rainbow_loss(jnp.asarray(logits), jnp.asarray(actions), jnp.asarray(target), jnp.asarray(teacher_q),
+                                                  jnp.asarray(z), jnp.asarray(w), jnp.float32(c), tau)
+    np.testing.assert_allclose(float(loss), np.mean(w * (ce + c * kl)), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["td_loss"]), np.mean(w * ce), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["distill_loss"]), np.mean(w * kl), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(td), ce, rtol=1e-5)  # unweighted, for the priorities
+    np.testing.assert_allclose(float(metrics["q_values"]), q_s[np.arange(2), actions].mean(), rtol=1e-5)
+    # lambda * c = 0 switches distillation off entirely
+    loss0, (metrics0, _) = qr.qdagger_rainbow_loss(jnp.asarray(logits), jnp.asarray(actions), jnp.asarray(target), jnp.asarray(teacher_q),
+                                                   jnp.asarray(z), jnp.asarray(w), jnp.float32(0.0), tau)
+    np.testing.assert_allclose(float(loss0), np.mean(w * ce), rtol=1e-5)
+
+    # No gradient into the teacher; the student gets one through its expected Q.
+    def f(tq, lg):
+        return qr.qdagger_rainbow_loss(lg, jnp.asarray(actions), jnp.asarray(target), tq, jnp.asarray(z), jnp.asarray(w), jnp.float32(c), tau)[0]
+
+    g_teacher, g_student = jax.grad(f, argnums=(0, 1))(jnp.asarray(teacher_q), jnp.asarray(logits))
+    assert np.all(np.asarray(g_teacher) == 0)
+    assert np.abs(np.asarray(g_student)).sum() > 0
+
+
+# ----------------------------------------------------------------------------
+# Sum tree
+# ----------------------------------------------------------------------------
+def check_tree_consistent(tree):
+    nodes = tree.nodes
+    for i in range(1, tree.leaf0):
+        assert nodes[i] == nodes[2 * i] + nodes[2 * i + 1]
+
+
+def test_sum_tree_set_get_total_and_max():
+    tree = qr.SumTree(6)
+    assert tree.leaf0 == 8 and tree.total == 0.0 and tree.max_priority == 1.0
+    tree.set([0, 2, 5], [1.0, 3.0, 0.5])
+    np.testing.assert_array_equal(tree.get(np.arange(6)), [1, 0, 3, 0, 0, 0.5])
+    assert tree.total == 4.5 and tree.max_priority == 3.0
+    tree.set([2], 0.25)
+    assert tree.total == 1.75 and tree.max_priority == 3.0  # max is the largest ever set
+    tree.set([1, 1], [7.0, 2.0])  # duplicates: last wins, parents consistent
+    assert tree.get([1])[0] == 2.0 and tree.total == 3.75 and tree.max_priority == 7.0
+    check_tree_consistent(tree)
+    with pytest.raises(ValueError):
+        tree.set([0], -1.0)
+    with pytest.raises(ValueError):
+        tree.set([0], np.nan)
+    with pytest.raises(IndexError):
+        tree.set([6], 1.0)
+
+
+def test_sum_tree_totals_after_many_random_updates():
+    rng = np.random.default_rng(7)
+    for cap in [1, 2, 3, 1000, 4096]:
+        tree = qr.SumTree(cap)
+        ref = np.zeros(cap)
+        for _ in range(300):
+            idx = rng.integers(0, cap, size=rng.integers(1, 40))
+            val = rng.exponential(size=idx.size) * (rng.random(idx.size) > 0.3)
+            tree.set(idx, val)
+            # numpy assignment with duplicates keeps the last one, as the tree does
+            ref[idx] = val
+        np.testing.assert_allclose(tree.get(np.arange(cap)), ref)
+        np.testing.assert_allclose(tree.total, ref.sum(), rtol=1e-12)
+        check_tree_consistent(tree)
+
+
+def test_sum_tree_find_is_the_inverse_cdf():
+    tree = qr.SumTree(5)
+    tree.set(np.arange(5), [1.0, 0.0, 2.0, 0.0, 1.0])  # cumsum 1, 1, 3, 3, 4
+    q = np.array([0.0, 0.999, 1.0, 2.5, 2.999, 3.0, 3.999])
+    np.testing.assert_array_equal(tree.find(q), [0, 0, 2, 2, 2, 4, 4])
+    # out of range queries (float round-off) still land on a positive leaf
+    assert set(tree.find(np.array([4.0, 4.0 + 1e-9, 100.0, -1e-12]))) <= {0, 2, 4}
+
+
+def test_sum_tree_sampling_frequencies_match_priorities():
+    rng = np.random.default_rng(8)
+    priorities = np.array([1.0, 2.0, 0.0, 3.0, 4.0, 0.0, 10.0, 0.5, 0.0, 2.5])
+    tree = qr.SumTree(priorities.size)
+    tree.set(np.arange(priorities.size), priorities)
+    counts = np.zeros(priorities.size)
+    for _ in range(2000):
+        idx, probs = tree.sample(32, rng)
+        np.testing.assert_allclose(probs, priorities[idx] / priorities.sum())
+        np.add.at(counts, idx, 1)
+    assert np.all(counts[priorities == 0] == 0)  # zero priority: never sampled
+    nz = priorities > 0
+    expected = counts.sum() * priorities[nz] / priorities.sum()
+    assert stats.chisquare(counts[nz], expected).pvalue > 1e-3
+    np.testing.assert_allclose(counts[nz] / counts.sum(), priorities[nz] / priorities.sum(), atol=0.005)
+
+
+def test_sum_tree_equal_priorities_sample_uniformly():
+    rng = np.random.default_rng(9)
+    cap = 37
+    tree = qr.SumTree(cap)
+    tree.set(np.arange(cap), 0.7)
+    counts = np.bincount(np.concatenate([tree.sample(64, rng)[0] for _ in range(1500)]), minlength=cap)
+    assert stats.chisquare(counts).pvalue > 1e-3
+    # all zero: sampling refuses
+    with pytest.raises(RuntimeError):
+        qr.SumTree(4).sample(2, rng)
+
+
+def test_importance_weights_by_hand():
+    probs = np.array([0.1, 0.2, 0.4, 0.1])
+    w = qr.importance_weights(probs, 0.5)
+    # (1/P)^0.5 = 3.1623, 2.2361, 1.5811, 3.1623 ; / max
+    np.testing.assert_allclose(w, [1.0, np.sqrt(0.5), 0.5, 1.0], rtol=1e-6)
+    N = 1000
+    raw = (N * probs) ** -0.7
+    np.testing.assert_allclose(qr.importance_weights(probs, 0.7), raw / raw.max(), rtol=1e-6)
+    np.testing.assert_allclose(qr.importance_weights(probs, 0.0), 1.0)
+    # Dopamine's Rainbow: 1 / sqrt(P + 1e-10), normalised by the max
+    dop = 1.0 / np.sqrt(probs + 1e-10)
+    np.testing.assert_allclose(qr.importance_weights(probs, 0.5), dop / dop.max(), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Prioritized frame replay
+# ----------------------------------------------------------------------------
+def run_stream(rb, steps, rng, p_end=0.08, check=None):
+    """Feed `rb` a synthetic envpool-style stream (auto-reset step after every end)."""
+    E = rb.num_envs
+    resetting = np.zeros(E, bool)
+    for t in range(steps):
+        frames = rng.integers(0, 256, size=(E, 2, 2), dtype=np.uint8)
+        nxt = rng.integers(0, 256, size=(E, 2, 2), dtype=np.uint8)
+        end = (rng.random(E) < p_end) & ~resetting
+        term = end & (rng.random(E) < 0.5)
+        trunc = end & ~term
+        rb.add(frames, rng.integers(0, 4, E), rng.uniform(-1, 1, E).astype(np.float32), term, trunc, nxt)
+        resetting = end
+        if check is not None:
+            check(rb, t)
+
+
+def assert_priorities_mark_valid_rows(rb):
+    for e in range(rb.num_envs):
+        cnt = int(rb.count[e])
+        j = np.arange(max(cnt - rb.rows, 0), cnt)
+        ok = rb.valid(np.full(j.size, e), j)[0] if j.size else np.zeros(0, bool)
+        pri = rb.tree.get(e * rb.rows + j % rb.rows)
+        np.testing.assert_array_equal(pri > 0, ok, err_msg=f"env {e} count {cnt}")
+        if cnt < rb.rows:  # never-written rows hold no priority
+            assert np.all(rb.tree.get(e * rb.rows + np.arange(cnt, rb.rows)) == 0)
+    assert np.all(rb.tree.nodes[rb.tree.leaf0 + rb.num_envs * rb.rows:] == 0)
+
+
+@pytest.mark.parametrize("num_envs,capacity,n_step", [(1, 37, 3), (3, 60, 3), (2, 41, 1), (4, 64, 5)])
+def test_priorities_exactly_on_valid_rows_through_wraparound(num_envs, capacity, n_step):
+    rng = np.random.default_rng(10 + num_envs)
+    rb = qr.FrameReplayBuffer(capacity, num_envs, n_step, 0.99, frame_shape=(2, 2), prioritized=True)
+    run_stream(rb, 400, rng, check=lambda rb, t: assert_priorities_mark_valid_rows(rb))
+    assert (rb.count > rb.rows).all()  # wrapped around several times
+
+
+def test_prioritized_sampling_never_returns_invalid_rows_and_follows_priorities():
+    rng = np.random.default_rng(11)
+    rb = qr.FrameReplayBuffer(90, 3, 3, 0.99, frame_shape=(2, 2), prioritized=True, alpha=1.0, beta=0.5)
+    run_stream(rb, 200, rng, p_end=0.1)
+    # give every valid row a distinct priority through the loss -> priority rule (alpha = 1)
+    leaves = np.flatnonzero(rb.tree.get(np.arange(rb.tree.capacity)) > 0)
+    env, row = np.divmod(leaves, rb.rows)
+    losses = rng.uniform(0.1, 3.0, leaves.size)
+    pri = rb.update_priorities(env, row, losses)
+    np.testing.assert_allclose(pri, losses + 1e-10)
+    counts = np.zeros(rb.tree.capacity)
+    for _ in range(800):
+        b = rb.sample(16, rng)
+        j = rb.count[b.env_idx] - 1 - (rb.count[b.env_idx] - 1 - b.row_idx) % rb.rows
+        ok, ret, disc, L = rb.valid(b.env_idx, j)
+        assert ok.all()
+        assert not np.any(rb.flags[b.env_idx, b.row_idx] & qr.FINAL)
+        np.testing.assert_allclose(b.returns, ret)
+        np.testing.assert_allclose(b.discounts, disc)
+        p = rb.tree.get(b.env_idx * rb.rows + b.row_idx) / rb.tree.total
+        np.testing.assert_allclose(b.weights, (p.min() / p) ** 0.5, rtol=1e-5)
+        np.add.at(counts, b.env_idx * rb.rows + b.row_idx, 1)
+    assert counts[np.setdiff1d(np.arange(counts.size), leaves)].sum() == 0
+    expected = counts.sum() * (losses + 1e-10) / (losses + 1e-10).sum()
+    assert stats.chisquare(counts[leaves], expected).pvalue > 1e-3
+
+
+def test_new_rows_get_the_max_priority_and_overwritten_rows_lose_theirs():
+    rng = np.random.default_rng(12)
+    rb = qr.FrameReplayBuffer(20, 1, 3, 0.99, frame_shape=(2, 2), prioritized=True, alpha=0.5)
+    f = np.zeros((1, 2, 2), np.uint8)
+    step = lambda: rb.add(f, np.array([1]), np.array([0.5], np.float32), np.array([False]), np.array([False]), f)  # noqa: E731
+    for _ in range(5):
+        step()
+    # rows 0, 1 have their 3-step bootstrap row (3, 4): valid at the initial max priority 1.0
+    np.testing.assert_array_equal(rb.tree.get(np.arange(6)), [1, 1, 0, 0, 0, 0])
+    rb.update_priorities(np.array([0]), np.array([0]), np.array([16.0]))  # priority sqrt(16 + 1e-10)
+    assert rb.tree.max_priority == pytest.approx(4.0)
+    step()
+    assert rb.tree.get([2])[0] == pytest.approx(4.0)  # the newly valid row gets the max so far
+    for _ in range(20 - 6):
+        step()
+    assert rb.tree.get([0])[0] > 0
+    step()  # overwrites row 0 (absolute 20): its priority goes, and row 1..3 keep theirs only if their stack is intact
+    assert rb.tree.get([0])[0] == 0
+    np.testing.assert_array_equal(rb.tree.get([1, 2, 3]) > 0, [False, False, False])  # their stacks reached row 0
+    assert rb.tree.get([4])[0] > 0
+    assert_priorities_mark_valid_rows(rb)
+    # a stale priority update for an overwritten row is ignored
+    rb.update_priorities(np.array([0]), np.array([0]), np.array([9.0]))
+    assert rb.tree.get([0])[0] == 0
+
+
+def test_uniform_buffer_has_unit_weights_and_no_tree():
+    rng = np.random.default_rng(13)
+    rb = qr.FrameReplayBuffer(50, 2, 3, 0.99, frame_shape=(2, 2))
+    run_stream(rb, 60, rng)
+    b = rb.sample(8, rng)
+    assert rb.tree is None and b.weights.shape == (8,) and np.all(b.weights == 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Networks: noisy, dueling, double; the update step
+# ----------------------------------------------------------------------------
+def test_noisy_dense_keys_and_mean_weights():
+    layer = qr.NoisyDense(6, sigma0=0.5)
+    x = jnp.asarray(np.random.default_rng(14).normal(size=(3, 16)), jnp.float32)
+    params = layer.init(jax.random.PRNGKey(0), x)
+    p = params["params"]
+    np.testing.assert_allclose(np.asarray(p["sigma_kernel"]), 0.5 / 4.0)
+    np.testing.assert_allclose(np.asarray(p["sigma_bias"]), 0.5 / 4.0)
+    assert np.abs(np.asarray(p["mu_kernel"])).max() <= 0.25
+    k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    y1, y1b, y2 = (np.asarray(layer.apply(params, x, k)) for k in (k1, k1, k2))
+    np.testing.assert_array_equal(y1, y1b)  # same key, same output
+    assert np.abs(y1 - y2).max() > 1e-3  # different keys, different outputs
+    y0 = np.asarray(layer.apply(params, x))  # no key: the mean weights
+    np.testing.assert_allclose(y0, np.asarray(x @ p["mu_kernel"] + p["mu_bias"]), rtol=1e-5, atol=1e-6)
+    # the factorised form equals building the noisy weight matrix
+    k_in, k_out = jax.random.split(k1)
+    f = lambda e: np.sign(e) * np.sqrt(np.abs(e))  # noqa: E731
+    e_in, e_out = f(np.asarray(jax.random.normal(k_in, (16,)))), f(np.asarray(jax.random.normal(k_out, (6,))))
+    w = np.asarray(p["mu_kernel"]) + np.asarray(p["sigma_kernel"]) * np.outer(e_in, e_out)
+    b = np.asarray(p["mu_bias"]) + np.asarray(p["sigma_bias"]) * e_out
+    np.testing.assert_allclose(y1, np.asarray(x) @ w + b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def obs():
+    return np.random.default_rng(15).integers(0, 256, (2, 4, 84, 84), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("torso,duelings", [("nature", (False, True)), ("impala", (True,))])
+def test_network_shapes_dueling_and_noise(torso, duelings, obs):
+    A, K = 4, 7
+    for dueling in duelings:
+        net = qr.RainbowNetwork(A, K, torso, dueling=dueling, noisy=True)
+        params = net.init(jax.random.PRNGKey(0), obs)
+        head = set(params["params"]) - {"NatureTorso_0", "ImpalaCNN_0"}
+        assert head == ({"hidden", "advantage", "value"} if dueling else {"hidden", "logits"})
+        if dueling:
+            assert params["params"]["value"]["mu_kernel"].shape == (512, K)
+            assert params["params"]["advantage"]["mu_kernel"].shape == (512, A * K)
+        noisy_apply = lambda p, o, k: net.apply(p, o, key=k)  # noqa: E731
+        out = noisy_apply(params, obs, jax.random.PRNGKey(3))
+        assert out.shape == (2, A, K)
+        same = noisy_apply(params, obs, jax.random.PRNGKey(3))
+        other = noisy_apply(params, obs, jax.random.PRNGKey(4))
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(same))  # same key, same output
+        assert np.abs(np.asarray(out - other)).max() > 0  # fresh noise per key
+        np.testing.assert_array_equal(np.asarray(net.apply(params, obs)), np.asarray(net.apply(params, obs)))  # no key: no noise
+    if torso == "nature":  # the teacher's SAME-padded torso: 11 * 11 * 64 = 7,744 features
+        plain = qr.RainbowNetwork(A, K, "nature")
+        params = plain.init(jax.random.PRNGKey(0), obs)
+        assert params["params"]["hidden"]["kernel"].shape == (7744, 512)
+        assert params["params"]["logits"]["kernel"].shape == (512, A * K)
+        # without noisy layers a key changes nothing
+        apply = lambda p, o, k: plain.apply(p, o, key=k)  # noqa: E731
+        np.testing.assert_array_equal(np.asarray(apply(params, obs, jax.random.PRNGKey(1))), np.asarray(apply(params, obs, jax.random.PRNGKey(2))))
+
+
+def test_dueling_logits_are_value_plus_centred_advantage(obs):
+    net = qr.RainbowNetwork(3, 5, "nature", dueling=True)
+    params = net.init(jax.random.PRNGKey(0), obs)
+    _, inter = net.apply(params, obs, capture_intermediates=True)
+    logits = np.asarray(net.apply(params, obs))
+    value = np.asarray(inter["intermediates"]["value"]["__call__"][0]).reshape(2, 1, 5)
+    adv = np.asarray(inter["intermediates"]["advantage"]["__call__"][0]).reshape(2, 3, 5)
+    np.testing.assert_allclose(logits, value + adv - adv.mean(1, keepdims=True), rtol=1e-5, atol=1e-5)
+
+
+def test_update_step_runs_with_every_flag(obs):
+    import optax
+
+    A = 4
+    args = qr.Args(num_atoms=11, dueling=True, noisy=True, double_dqn=True)
+    support = qr.make_support(args)
+    student = qr.make_student(args, A)
+    params = student.init(jax.random.PRNGKey(0), obs)
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=1e-4, eps=1.5e-4)
+    state = qr.QState.create(apply_fn=student.apply, params=params, target_params=params, tx=tx)
+    update = qr.make_update(student, support, 0.1, 1.0, double_dqn=True)
+    teacher_q = np.array([[0.1, 0.5, -0.2, 0.0], [1.0, 0.9, 0.95, 1.2]], np.float32)
+    batch = (obs, np.array([0, 3], np.int32), np.array([1.0, -0.5], np.float32), np.array([0.99**3, 0.0], np.float32), obs[::-1],
+             teacher_q, np.array([1.0, 0.5], np.float32))
+    new_state, metrics, td = update(state, *batch, jnp.float32(1.0), jnp.float32(3e-5), jax.random.PRNGKey(2))
+    assert td.shape == (2,) and np.all(np.asarray(td) > 0)
+    assert all(np.isfinite(float(v)) for v in metrics.values()) and float(metrics["distill_loss"]) > 0
+    assert float(new_state.opt_state.hyperparams["learning_rate"]) == pytest.approx(3e-5)
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new_state.params, params)
+    assert max(jax.tree_util.tree_leaves(moved)) > 0
+    # lambda * c = 0: no distillation term
+    _, metrics0, _ = update(state, *batch, jnp.float32(0.0), jnp.float32(1e-5), jax.random.PRNGKey(2))
+    assert float(metrics0["distill_loss"]) == 0.0
+    # noisy + epsilon-greedy act returns actions and the expected Q they came from
+    act = qr.make_act(lambda p, o, k: qr.expected_q(student.apply(p, o, key=k), support))
+    a, q = act(params, obs, jax.random.PRNGKey(5), 0.0)
+    assert a.shape == (2,) and q.shape == (2, A)
+    np.testing.assert_array_equal(np.asarray(a), np.argmax(np.asarray(q), -1))
+
+
+def test_teacher_q_cached_in_the_teacher_buffer():
+    rng = np.random.default_rng(16)
+    rb = qr.FrameReplayBuffer(40, 2, 3, 0.99, frame_shape=(2, 2), teacher_q_dim=3)
+    f = np.zeros((2, 2, 2), np.uint8)
+    for t in range(15):
+        q = np.stack([np.full(3, 100 * e + t, np.float32) for e in range(2)])
+        rb.add(f, np.array([1, 2]), np.zeros(2, np.float32), np.array([False, t == 6]), np.zeros(2, bool), f, q)
+    b = rb.sample(16, rng)
+    j_first = b.teacher_q[:, 0]
+    # the row's teacher Q is the one given when its state was added
+    # (env 1: rows 0-6 = steps 0-6, row 7 = FINAL, step 7 = the reset step (not stored), row t = step t after)
+    np.testing.assert_array_equal(j_first, 100 * b.env_idx + b.row_idx)
+    assert not np.any((b.env_idx == 1) & (b.row_idx == 7))
+    assert rb.sample(4, rng).weights.tolist() == [1.0] * 4
+
+
+# ----------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------
+def test_defaults_are_the_papers_rainbow():
+    a = qr.Args()
+    assert (a.num_atoms, a.v_min, a.v_max, a.n_step, a.gamma) == (51, -10.0, 10.0, 3, 0.99)
+    assert (a.distill_coef, a.temperature, a.distill_decay_period) == (1.0, 0.1, 2_500_000)
+    assert (a.learning_rate, a.end_learning_rate, a.adam_eps) == (1e-4, 1e-5, 1.5e-4)
+    assert (a.learning_starts, a.train_frequency, a.target_network_frequency, a.epsilon_decay_steps) == (20_000, 4, 8_000, 50_000)
+    assert (a.end_e, a.eval_epsilon, a.per_alpha, a.per_beta) == (0.01, 0.001, 0.5, 0.5)
+    assert not (a.double_dqn or a.dueling or a.noisy) and a.network == "nature"
+
+
+def test_help_documents_dopamine_prioritized_replay():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        tyro.cli(qr.Args, args=["--help"])
+    text = " ".join(out.getvalue().replace("\u2502", " ").split())  # drop rich's box borders at line wraps
+    for flag in ["--per-alpha", "--per-beta", "--num-atoms", "--v-min", "--v-max", "--double-dqn", "--dueling", "--noisy", "--network"]:
+        assert flag in text
+    assert text.count("alpha = beta = 0.5 is exactly Dopamine's Rainbow") >= 2
+
+
+@pytest.mark.parametrize("override,flag", [(dict(num_atoms=1), "--num-atoms"), (dict(v_min=1.0, v_max=1.0), "--v-min"),
+                                           (dict(per_alpha=-0.1), "--per-alpha"), (dict(per_beta=-1.0), "--per-beta"),
+                                           (dict(temperature=0.0), "--temperature")])
+def test_bad_flags_raise_config_error(override, flag):
+    with pytest.raises(qr.ConfigError, match=flag):
+        qr.check_args(qr.Args(**override))
+
+
+def test_lambda_and_learning_rate():
+    assert qr.lambda_learning_rate(1.0, 1e-4, 1e-5) == pytest.approx(1e-4)
+    assert qr.lambda_learning_rate(0.5, 1e-4, 1e-5) == pytest.approx(5.5e-5)
+    lam, _ = qr.distill_lambda_update(1.0, 6.0, 11.0, 1.0, 1000, 2_500_000)  # tns = 0.5
+    assert lam == pytest.approx(0.5)
+    assert qr.distill_lambda_update(0.5, 1.0, 11.0, 1.0, 2_500_000, 2_500_000)[0] == 0.0
+    assert qr.distill_lambda_update(0.0, 1.0, 11.0, 1.0, 10, 2_500_000)[0] == 0.0
+    assert qr.distill_lambda_update(0.7, -5.0, 11.0, 1.0, 10, 2_500_000)[0] == 1.0  # below random: clipped to 1
