@@ -75,8 +75,8 @@ class Script:
     """offline gradient updates"""
     total_timesteps: int = 4000
     """online agent steps (updates start after learning_starts)"""
-    learning_starts: int = 1000
-    """online steps before updates start"""
+    learning_starts: int = 200
+    """online steps before updates start (small, so the online figure is the steady training rate)"""
     extra: tuple[str, ...] = ()
     """more flags for the script, e.g. --extra --dueling"""
 

@@ -706,16 +706,18 @@ def make_update(student: RainbowNetwork, support: jax.Array, temperature: float,
 
 
 def make_act(q_fn):
-    """Epsilon-greedy actions and the Q-values they came from; q_fn(params, obs, key) -> (B, A) Q-values."""
+    """Epsilon-greedy actions, the Q-values they came from, and the next PRNG key (split inside
+    the jit: a separate split per env step costs as much as a third of the forward pass);
+    q_fn(params, obs, key) -> (B, A) Q-values."""
 
     @jax.jit
     def act(params, obs, key, epsilon):
-        k0, k1, k2 = jax.random.split(key, 3)
+        key, k0, k1, k2 = jax.random.split(key, 4)
         q = q_fn(params, obs, k0)
         greedy = jnp.argmax(q, axis=-1)
         explore = jax.random.uniform(k1, greedy.shape) < epsilon
         rand = jax.random.randint(k2, greedy.shape, 0, q.shape[-1])
-        return jnp.where(explore, rand, greedy), q
+        return jnp.where(explore, rand, greedy), q, key
 
     return act
 
@@ -740,8 +742,8 @@ def evaluate(act, params, envs: tu.DopamineAtariEnvs, max_episodes: int, max_ste
     recording = frames is not None
     with tqdm(total=max_steps, desc=desc, leave=False, file=sys.stderr, mininterval=2.0) as bar:
         while steps < max_steps and len(returns) < max_episodes:
-            key, k = jax.random.split(key)
-            actions = np.asarray(act(params, obs, k, epsilon)[0])
+            actions, _, key = act(params, obs, key, epsilon)
+            actions = np.asarray(actions)
             obs, _, terminated, truncated, info = envs.step(actions)
             live = ~resetting
             ep_ret += np.where(live, info["reward"], 0.0)
@@ -867,8 +869,8 @@ def main(args: Args) -> None:
     teacher_steps = args.teacher_steps if args.offline_steps > 0 else 0  # kickstarting / tabula rasa use no teacher data
     with tqdm(total=teacher_steps, desc="teacher data", file=sys.stderr, mininterval=2.0) as bar:
         while collected < teacher_steps:
-            key, k = jax.random.split(key)
-            actions, teacher_q = jax.device_get(act_teacher(teacher_params, obs, k, args.teacher_epsilon))
+            actions, teacher_q, key = act_teacher(teacher_params, obs, key, args.teacher_epsilon)
+            actions, teacher_q = jax.device_get((actions, teacher_q))
             next_obs, reward, terminated, truncated, info = envs.step(actions)
             teacher_rb.add(obs[:, -1], actions, np.clip(reward, -1.0, 1.0), terminated, truncated, next_obs[:, -1], teacher_q)
             obs = next_obs
@@ -909,13 +911,13 @@ def main(args: Args) -> None:
     resetting = np.zeros(args.num_envs, bool)
     global_step, updates, update_credit = 0, 0, 0.0
     next_target_sync, next_eval = args.learning_starts + args.target_network_frequency, args.eval_frequency
-    t0 = time.time()
+    t0, eval_seconds = time.time(), 0.0
     bar = tqdm(total=args.total_timesteps, desc="online", file=sys.stderr, mininterval=2.0)
     while global_step < args.total_timesteps:
         # Noisy nets explore by their noise: epsilon-greedy is off, as in Dopamine.
         epsilon = 0.0 if args.noisy else linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, global_step)
-        key, k = jax.random.split(key)
-        actions = np.asarray(act_student(state.params, obs, k, epsilon)[0])
+        actions, _, key = act_student(state.params, obs, key, epsilon)
+        actions = np.asarray(actions)
         next_obs, reward, terminated, truncated, info = envs.step(actions)
         rb.add(obs[:, -1], actions, np.clip(reward, -1.0, 1.0), terminated, truncated, next_obs[:, -1])
         obs = next_obs
@@ -963,8 +965,10 @@ def main(args: Args) -> None:
             final = global_step >= args.total_timesteps
             frames = [] if (final and args.capture_video) else None
             key, k = jax.random.split(key)
+            t_eval = time.time()
             returns, _, steps = evaluate(act_student_eval, state.params, eval_envs, args.eval_episodes, args.eval_steps,
                                          args.eval_epsilon, k, desc="student eval", frames=frames)
+            eval_seconds += time.time() - t_eval
             student_return = float(np.mean(returns)) if returns else None
             line = summary(f"online step {global_step}: student", returns, steps)
             if student_return is not None:
@@ -984,7 +988,8 @@ def main(args: Args) -> None:
             if frames:
                 write_video(frames, f"runs/{run_name}/videos/final-eval.mp4")
     bar.close()
-    print(f"(d) online: {global_step} agent steps, {updates} updates [{global_step / (time.time() - t0):.1f} agent steps/s]")
+    train_seconds = time.time() - t0 - eval_seconds
+    print(f"(d) online: {global_step} agent steps, {updates} updates [{global_step / train_seconds:.1f} agent steps/s, evaluations excluded]")
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"

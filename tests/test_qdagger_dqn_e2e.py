@@ -201,7 +201,7 @@ def test_rebuilt_stacks_equal_envpool_observations(fixture_copy):
     key = jax.random.PRNGKey(0)
     for _ in range(250):
         key, k = jax.random.split(key)
-        actions, teacher_q = jax.device_get(act(params, obs, k, 0.5))
+        actions, teacher_q, _ = jax.device_get(act(params, obs, k, 0.5))
         nxt, reward, term, trunc, _ = envs.step(actions)
         rb.add(obs[:, -1], actions, np.clip(reward, -1, 1), term, trunc, nxt[:, -1], teacher_q)
         obs = nxt

@@ -462,7 +462,7 @@ def test_update_step_runs_with_every_flag(obs):
     assert float(metrics0["distill_loss"]) == 0.0
     # noisy + epsilon-greedy act returns actions and the expected Q they came from
     act = qr.make_act(lambda p, o, k: qr.expected_q(student.apply(p, o, key=k), support))
-    a, q = act(params, obs, jax.random.PRNGKey(5), 0.0)
+    a, q, _ = act(params, obs, jax.random.PRNGKey(5), 0.0)
     assert a.shape == (2,) and q.shape == (2, A)
     np.testing.assert_array_equal(np.asarray(a), np.argmax(np.asarray(q), -1))
 
