@@ -461,3 +461,26 @@ def test_download_gs_options(root, cache, emu):
     assert {"checkpoints/ckpt.3", "checkpoints/sentinel_checkpoint_complete.3", "checkpoints/$store$_observation_ckpt.3.gz"} <= local_files(run)
     assert "checkpoints/ckpt.5" not in local_files(run)
     assert_mirrors(run, root, local_files(run))
+
+
+# ---------------------------------------------------------------- command line, real checkpoint
+def test_cli_download_fetches_and_loads_a_real_checkpoint(root, cache, emu, fixture_copy, tmp_path):
+    """`python teacher_utils.py download` against the emulator serving a real Dopamine checkpoint."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(fixture_copy("teacher_jax_linen") / "checkpoints", root / RUN / "checkpoints")
+    script = Path(tu.__file__).resolve()
+    r = subprocess.run([sys.executable, str(script), "download", "Breakout-v5", "--cache-dir", str(cache), "--base-url", emu.base_url],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "jax checkpoint, iteration 5, 4 actions" in r.stdout
+    local = cache / BUCKET / RUN / "checkpoints"
+    assert sorted(p.name for p in local.iterdir()) == ["ckpt.5", "sentinel_checkpoint_complete.5"]
+    assert (local / "ckpt.5").read_bytes() == (root / RUN / "checkpoints" / "ckpt.5").read_bytes()
+
+    r = subprocess.run([sys.executable, str(script), "download", "Pongg", "--cache-dir", str(cache), "--base-url", emu.base_url],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: nothing at gs://rl_checkpoints/DQN_400/Pongg/1/") and len(r.stderr.strip().splitlines()) == 1
