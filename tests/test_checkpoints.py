@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import teacher_utils as tu
+from bundle_table import data_block_handles, index_handle
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ROOT = FIXTURES.parent.parent
@@ -65,30 +66,9 @@ def test_tf_reader_reads_a_subset_and_lists_without_reading_data(fixture_copy, t
         tu.read_tf_checkpoint(src / "bundle-7", names=["nope"])
 
 
-def _index_blocks(index: bytes):
-    """Data-block handles listed by an index file's index block (test-side parser)."""
-    footer = index[-48:]
-    pos, vals = 0, []
-    while len(vals) < 4:
-        v = shift = 0
-        while True:
-            b = footer[pos]
-            pos += 1
-            v |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
-        vals.append(v)
-    return vals[2], vals[3]  # index block offset, size
-
-
 def test_tf_index_has_several_data_blocks(fixture_copy):
     index = (fixture_copy("tf_bundle_dtypes") / "bundle-7.index").read_bytes()
-    off, size = _index_blocks(index)
-    block = index[off : off + size]
-    (num_restarts,) = struct.unpack("<I", block[-4:])
-    # Every index entry is a restart point in LevelDB's index block.
-    assert num_restarts >= 2, "fixture should exercise more than one data block"
+    assert len(data_block_handles(index)) >= 2, "fixture should exercise more than one data block"
 
 
 def _copy_bundle(src: Path, dst: Path, prefix: str) -> Path:
@@ -143,7 +123,7 @@ def test_tf_reader_refuses_snappy_blocks(fixture_copy, tmp_path):
     prefix = _copy_bundle(fixture_copy("tf_bundle_dtypes"), tmp_path, "bundle-7")
     path = prefix.with_name("bundle-7.index")
     index = bytearray(path.read_bytes())
-    off, size = _index_blocks(bytes(index))
+    off, size = index_handle(bytes(index))
     index[off + size] = 1  # compression type: snappy, with a valid crc so only the type is wrong
     index[off + size + 1 : off + size + 5] = struct.pack("<I", tu._masked_crc32c(bytes(index[off : off + size + 1])))
     path.write_bytes(bytes(index))

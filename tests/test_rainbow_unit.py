@@ -334,7 +334,6 @@ def test_prioritized_sampling_never_returns_invalid_rows_and_follows_priorities(
 
 
 def test_new_rows_get_the_max_priority_and_overwritten_rows_lose_theirs():
-    rng = np.random.default_rng(12)
     rb = qr.FrameReplayBuffer(20, 1, 3, 0.99, frame_shape=(2, 2), prioritized=True, alpha=0.5)
     f = np.zeros((1, 2, 2), np.uint8)
     step = lambda: rb.add(f, np.array([1]), np.array([0.5], np.float32), np.array([False]), np.array([False]), f)  # noqa: E731
