@@ -199,8 +199,8 @@ class Batch(NamedTuple):
     returns: np.ndarray  # (B,) float32: sum_{k<L} gamma^k r_{t+k}
     discounts: np.ndarray  # (B,) float32: gamma^L, 0 if the episode terminated within the L steps
     next_obs: np.ndarray  # (B, 4, 84, 84) uint8: the state L steps later
-    env_idx: np.ndarray  # (B,) where the samples live (for priorities)
-    row_idx: np.ndarray  # (B,)
+    env_idx: np.ndarray  # (B,) env stream of each sample
+    row_idx: np.ndarray  # (B,) its row in that stream
     teacher_q: np.ndarray | None  # (B, A) teacher Q-values of obs, when the buffer caches them
 
 

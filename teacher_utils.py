@@ -484,16 +484,21 @@ for _name in dir(np.dtypes) if hasattr(np, "dtypes") else ():
 _RECORD_MODULES = ("optax.", "flax.optim.", "flax.training.train_state")
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """Stands in for _codecs.encode, which protocol-2 pickles call as encode(text, 'latin1')."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[(module, name)]
         if module.startswith(_RECORD_MODULES) and name[:1].isupper():
             return _DataRecord
-        if module == "_codecs" and name == "encode":  # protocol-2 pickles of bytes
-            import codecs
-
-            return lambda s, enc="utf-8": codecs.encode(s, "latin1" if enc == "latin1" else "utf-8")
+        if module == "_codecs" and name == "encode":  # how protocol-2 pickles store bytes
+            return _latin1_bytes
         raise pickle.UnpicklingError(f"{module}.{name}")
 
 

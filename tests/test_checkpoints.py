@@ -270,6 +270,21 @@ def test_malicious_pickles_are_refused_and_nothing_runs(fixture_copy, tmp_path):
         assert not [p for p in set(Path("/tmp").iterdir()) - before if "PWNED" in p.name.upper()]
 
 
+def test_protocol_2_pickles_load_and_only_latin1_bytes_are_decoded(tmp_path):
+    """Old pickles (protocol 2) store bytes and array buffers through _codecs.encode(text, 'latin1')."""
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    (tmp_path / "ckpt.1").write_bytes(pickle.dumps({"blob": b"\x00\xffab", "a": arr}, protocol=2))
+    data = tu.load_jax_checkpoint(tmp_path / "ckpt.1")
+    assert data["blob"] == b"\x00\xffab"
+    np.testing.assert_array_equal(data["a"], arr)
+    # The same opcode stream asking for another codec is refused, not guessed at.
+    raw = pickle.dumps({"blob": b"\x00\xffab"}, protocol=2)
+    assert b"latin1" in raw
+    (tmp_path / "ckpt.2").write_bytes(raw.replace(b"latin1", b"rot_13"))
+    with pytest.raises(tu.CheckpointError):
+        tu.load_jax_checkpoint(tmp_path / "ckpt.2")
+
+
 def test_safe_loader_keeps_optimizer_state_as_plain_data(fixture_copy):
     data = tu.load_jax_checkpoint(fixture_copy("teacher_jax_linen") / "checkpoints" / "ckpt.5")
     assert data["current_iteration"] == 5
