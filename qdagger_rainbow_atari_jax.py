@@ -1,17 +1,28 @@
-"""QDagger with a Rainbow student on envpool Atari (Agarwal et al., NeurIPS 2022).
+"""QDagger with a Rainbow student on envpool Atari (Agarwal et al., "Reincarnating RL", NeurIPS 2022).
 
-Reincarnates a Dopamine DQN_400 teacher into a Rainbow student (Dopamine's
-"full Rainbow" as the paper used it: C51 + n-step + prioritized replay):
+Reincarnates a trained teacher (by default the Dopamine DQN_400 agent of the game)
+into a Rainbow student (Dopamine's "full Rainbow" as the paper used it: C51 +
+n-step + prioritized replay):
   (a) evaluate the teacher on Dopamine-protocol envs -> G_T
-  (b) collect --teacher-steps transitions by rolling out the teacher
-  (c) offline phase: QDagger loss on the teacher data only (lambda = 1,
-      uniform sampling)
-  (d) online phase: the student acts, learns from its own prioritized replay
-      with the QDagger loss, and lambda decays with its teacher-normalized score
+  (b) teacher data: roll out the teacher and/or load its own Dopamine replay
+  (c) offline phase: QDagger loss on the teacher data only (lambda = 1, uniform sampling)
+  (d) online phase: the student acts, learns from its own prioritized replay with
+      the QDagger loss, and lambda decays with its teacher-normalized score
   (e) final evaluation, saved model
 Loss (per sample i, importance weight w_i):
   L = mean_i w_i * (CE(proj. target_i, p_S(s_i, a_i)) + lambda * c * KL(softmax(q_T/tau) || softmax(q_S/tau)))
 with q_S the student's expected Q over atoms.
+
+Defaults follow google-research/reincarnating_rl at 3eb419c
+(reincarnating_rl/configs/distillation_rainbow.gin, distillation_rainbow_agent.py,
+run_experiment.py) and Dopamine 4.0.6 (jax/agents/full_rainbow, jax/networks.py);
+README.md "Fidelity" lists every deviation.
+
+Speed: the replay (with its sum tree) lives in JAX arrays on the accelerator;
+adding a vector step, sampling, the updates and the new priorities are pure
+jitted functions (buffers donated, updated in place); the offline phase fuses
+--updates-per-call updates in one `lax.scan`; online, the environment steps
+while the device learns.
 
     python qdagger_rainbow_atari_jax.py --env-id Breakout-v5
 """
@@ -19,6 +30,7 @@ with q_S the student's expected Q over atoms.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -32,7 +44,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from flax.training.train_state import TrainState
 from tqdm import tqdm
 
@@ -41,6 +52,17 @@ import teacher_utils as tu
 
 @dataclasses.dataclass
 class Args:
+    """QDagger (Reincarnating RL, Agarwal et al. 2022) with a Rainbow student (C51 + n-step + prioritized replay) on envpool Atari: reuse a trained
+    teacher's weights and data so the student learns faster than from scratch. Phases: (a) teacher evaluation,
+    (b) teacher data, (c) offline distillation, (d) online QDagger with a decaying distillation weight,
+    (e) final evaluation. Defaults reproduce google-research/reincarnating_rl@3eb419c
+    (configs/distillation_rainbow.gin) and Dopamine 4.0.6; README "Fidelity" lists every deviation and its flag.
+
+    Example: python qdagger_rainbow_atari_jax.py --env-id Pong-v5 --teacher-checkpoint /data/DQN_400/Pong/1
+
+    Environment variables: REINCARNATE_CACHE (download cache, default ~/.cache/reincarnate),
+    REINCARNATE_BUCKET_URL (a mirror of the gs://rl_checkpoints bucket)."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -54,43 +76,89 @@ class Args:
     capture_video: bool = False
     """whether to save an mp4 of the final evaluation's first episode (what the agent sees) to `runs/{run_name}/videos`"""
     save_model: bool = False
-    """whether to save the student's params (flax msgpack) and the run's args to `runs/{run_name}`"""
+    """whether to save the student's params (flax msgpack) and a Q-value probe to `runs/{run_name}`"""
+    run_name: str | None = None
+    """the run folder's name under runs/ (default {env_id}__{exp_name}__{method}__{seed}__{start time}-{random suffix}); with --resume, the run to continue (its name or its folder)"""
+    resume: bool = False
+    """continue the run --run-name from its latest complete checkpoint (flags that change the algorithm must match)"""
+    checkpoint_frequency: int | None = None
+    """checkpoint every this many agent steps online (and roll-out), updates offline; default one Dopamine iteration (--eval-frequency / --offline-eval-frequency); 0 disables checkpoints"""
+    checkpoint_minutes: float = 30.0
+    """also checkpoint when this many minutes of wall time have passed since the last checkpoint (0: only by --checkpoint-frequency)"""
+    keep_checkpoints: int = 1
+    """complete checkpoints kept in runs/{run_name}/checkpoints (the oldest is deleted only after a newer one is complete)"""
+
+    # Method (README "Methods"): sets what differs from QDagger; flags passed explicitly still win
+    method: Literal["qdagger", "tabula-rasa", "kickstarting", "pretrain", "dagger", "ql-dagger", "jsrl", "dqfd", "rehearsal", "finetune"] = "qdagger"
+    """qdagger: offline distillation then online QDagger (distillation_rainbow.gin). tabula-rasa: no teacher, the student's own Dopamine config (full_rainbow.gin: noisy, dueling, double DQN, lr 6.25e-5). kickstarting: no offline phase, online distillation with the lambda decay. pretrain: offline TD + CQL on the teacher data (n = 1), then online TD with a fresh Adam at lr 1e-5 (pretrained_dqn.gin). dagger: distillation only, lambda = 1 and lr 1e-4 constant; ql-dagger: TD + c * distillation, lambda = 1 constant (distillation_rainbow_agent.py MethodType). jsrl: a guide policy (the teacher) in the student's episodes, its share decaying over 2.5M steps (lols_dqn.gin). dqfd: TD + a large-margin loss toward the teacher's greedy action, offline then online decayed like lambda (margin_dqn.gin). rehearsal: qdagger with --rehearsal-ratio of every online batch from the teacher data. finetune: the student starts from the teacher's own weights and continues with TD at lr 1e-5 (reloaded_dqn.gin)"""
 
     # Environment
     env_id: str = "Breakout-v5"
     """the envpool Atari id; the teacher is the DQN_400 agent of its game"""
     num_envs: int = 1
-    """parallel envpool envs for the teacher roll-out and the student; the replay ratio stays one update per `train_frequency` agent steps in total"""
+    """parallel envpool envs for the teacher roll-out and the student (Dopamine: 1); the replay ratio stays one update per `train_frequency` agent steps in total"""
     eval_num_envs: int = 8
-    """parallel envs used by every evaluation (batched inference; the step budget counts all of them)"""
+    """parallel envs of every evaluation; every episode started before the budget is played to its end and counted, so the protocol is Dopamine's (1 env is its exact sequence)"""
+    max_episode_steps: int = 27_000
+    """agent steps after which an episode is truncated (Dopamine: 27,000 = 108,000 frames)"""
 
     # Teacher
     teacher_checkpoint: str | None = None
     """local run folder, checkpoint file or gs:// address of the teacher; default gs://rl_checkpoints/DQN_400/<Game>/1"""
     teacher_iteration: int | None = None
     """Dopamine iteration of the teacher checkpoint; default the latest complete one"""
-    teacher_eval_episodes: int = 100
-    """the teacher evaluation stops after this many finished episodes (or `eval_steps` agent steps)"""
+    teacher_data: Literal["rollout", "dopamine-replay", "both"] = "rollout"
+    """offline data: `rollout` rolls out the teacher with envpool (`teacher_steps` transitions); `dopamine-replay` loads the teacher's own last 1M-transition Dopamine replay (the official code's main setting: use it to reproduce the paper's numbers); `both` appends roll-outs to that replay"""
     teacher_steps: int = 1_000_000
-    """transitions collected by rolling out the teacher (the paper used 1M teacher transitions)"""
+    """transitions collected by rolling out the teacher (rollout/both)"""
     teacher_epsilon: float = 0.01
     """exploration of the teacher roll-out (the teacher's own late-training epsilon)"""
 
     # QDagger
     offline_steps: int = 1_000_000
-    """gradient steps on teacher data before the student acts (paper: 10 x 100,000)"""
+    """gradient steps on teacher data before the student acts (reference: 10 x 100,000)"""
     temperature: float = 0.1
-    """tau: both teacher and student Q-values (the student's expected Q over atoms) are divided by it inside the softmaxes"""
+    """tau: both teacher and student Q-values are divided by it inside the softmaxes"""
     distill_coef: float = 1.0
-    """c: the distillation loss is weighted by lambda * c (paper: 1.0 for a Rainbow student)"""
+    """c: the distillation loss is weighted by lambda * c (reference: 1.0 for a Rainbow student)"""
     distill_decay_period: int = 2_500_000
-    """online agent steps after which lambda is 0 for good (paper: 2.5M for Rainbow)"""
+    """lambda is 0 for good at the first evaluation after more than this many online agent steps (reference: 2.5M)"""
     td_coef: float = 1.0
-    """weight of the TD (C51) loss; 0 gives the paper's distillation-only (DAgger-style) baseline"""
+    """weight of the TD (C51) loss; 0 gives the paper's distillation-only (DAgger) baseline"""
+    clip_lambda: bool = False
+    """clip lambda = 1 - teacher_normalized_score at 1 (the reference does not: a student below the random score gets lambda > 1, so a larger distillation weight and learning rate)"""
+    decay_lambda: bool = True
+    """online, lambda follows the student's teacher-normalized score (False: lambda = 1 throughout, as dagger and ql-dagger)"""
+    online_learning_rate: float | None = None
+    """a constant online Adam learning rate instead of lr = lambda * learning_rate + (1 - lambda) * end_learning_rate (set by tabula-rasa, pretrain, jsrl, dqfd, finetune)"""
+    reset_optimizer_online: bool = False
+    """start the online phase with a fresh Adam state (pretrain)"""
+    init_from_teacher: bool = False
+    """initialise the student with the teacher's weights; the teacher must have the student's architecture (finetune)"""
+    cql_coef: float = 0.0
+    """offline only: weight of the CQL term mean(logsumexp(Q / cql_temperature) - Q(s, a) / cql_temperature) (pretrain: 1.0)"""
+    cql_temperature: float = 0.1
+    """temperature of the CQL term (pretrained_dqn.gin: 0.1)"""
+    margin_coef: float = 0.0
+    """weight of the large-margin loss toward the teacher's greedy action, times lambda (dqfd: 1.0)"""
+    margin: float = 1.0
+    """the margin of the large-margin loss (margin_dqn.gin: 1.0)"""
+    rehearsal_ratio: float = 0.0
+    """share of every online batch drawn from the teacher data, each sample independently (rehearsal: 0.25)"""
+    jsrl_max_roll_in_steps: int = 100
+    """jsrl: each episode starts with h ~ U{1..this} steps of the student (or of the teacher with --jsrl-roll-in-guide), then the teacher acts with the decaying probability"""
+    jsrl_roll_in_decay: float = 1.0
+    """jsrl: the maximum roll-in is multiplied by this after every evaluation (lols_dqn_agent.py default 1.0)"""
+    jsrl_guide_prob: float = 1.0
+    """jsrl: the teacher's share of actions after the roll-in, decaying linearly to 0 over --jsrl-decay-period agent steps"""
+    jsrl_decay_period: int = 2_500_000
+    """jsrl: agent steps over which the teacher's share decays to 0"""
+    jsrl_roll_in_guide: bool = False
+    """jsrl: the teacher (not the student) plays the roll-in steps (lols_dqn.gin: False)"""
 
-    # Rainbow (Dopamine's full Rainbow with the paper's switches: C51 + n-step + prioritized replay)
+    # Rainbow (Dopamine's full Rainbow with the reference's switches: C51 + n-step + prioritized replay)
     network: Literal["nature", "impala"] = "nature"
-    """student torso: Dopamine's Nature DQN (SAME padding, as the teacher) or the Impala CNN (16, 32, 32); both end in Dense 512 and a C51 head"""
+    """student torso: Dopamine's Nature DQN (FullRainbowNetwork, SAME padding) or the Impala CNN (16, 32, 32); both end in Dense 512 and a C51 head"""
     num_atoms: int = 51
     """C51: atoms of the return distribution"""
     v_min: float = -10.0
@@ -98,29 +166,29 @@ class Args:
     v_max: float = 10.0
     """C51: highest atom of the fixed support"""
     double_dqn: bool = False
-    """double DQN: the online network's expected Q picks the next action, the target network's distribution is projected (off in the paper)"""
+    """double DQN: the online network's expected Q picks the next action, the target network's distribution is projected (off in the reference)"""
     dueling: bool = False
-    """dueling head: value and advantage streams over atoms, logits = V + A - mean_a A (off in the paper)"""
+    """dueling head: value and advantage streams over atoms, logits = V + A - mean_a A (off in the reference)"""
     noisy: bool = False
-    """factorised-Gaussian NoisyNet layers in the head, fresh noise every forward pass; epsilon-greedy is then off (epsilon = 0) in training as in Dopamine, and evaluations use the noise-free mean weights with --eval-epsilon (off in the paper)"""
-    noisy_sigma0: float = 0.5
-    """NoisyNet sigma_0: sigma is initialised to sigma_0 / sqrt(fan_in) (Fortunato et al. 2018)"""
+    """NoisyNet head layers (factorised Gaussian, Dopamine's NoisyNetwork: one noise draw per forward pass); as in Dopamine 4.0.6 epsilon is then end_e constant in training, and evaluations use the noise-free weights with --eval-epsilon (off in the reference)"""
+    noisy_sigma0: float = 0.1
+    """NoisyNet: sigma is initialised to noisy_sigma0 / sqrt(fan_in) (Dopamine: 0.1)"""
     per_alpha: float = 0.5
     """prioritized replay: priority = (C51 loss + 1e-10)^alpha; alpha = beta = 0.5 is exactly Dopamine's Rainbow (priority sqrt(loss + 1e-10), weights 1/sqrt(P)); alpha = 0 samples uniformly"""
     per_beta: float = 0.5
-    """prioritized replay: importance weights (1/P)^beta normalised by the batch max, constant (not annealed); they scale both the C51 and the distillation term of each sample; alpha = beta = 0.5 is exactly Dopamine's Rainbow"""
+    """prioritized replay: importance weights (1/P)^beta normalised by the batch max, constant (not annealed); they scale both the C51 and the distillation term of each sample"""
 
     # Optimisation and replay (Dopamine's Atari protocol)
-    total_timesteps: int = 2_500_000
-    """online agent steps (all envs together); 2.5M = 10 Dopamine iterations"""
+    total_timesteps: int = 3_750_000
+    """online agent steps (all envs together); 3.75M = 15 Dopamine iterations (reference: the last 5 at lambda = 0, lr 1e-5)"""
     learning_rate: float = 1e-4
     """Adam learning rate while lambda = 1; lr = lambda * learning_rate + (1 - lambda) * end_learning_rate"""
     end_learning_rate: float = 1e-5
     """Adam learning rate once lambda = 0 (fine-tuning)"""
     adam_eps: float = 1.5e-4
-    """Adam epsilon (the paper's 1.5e-4; Dopamine's stand-alone Rainbow configs use 1.5e-4 or 0.0003125)"""
+    """Adam epsilon"""
     buffer_size: int = 1_000_000
-    """the student's online replay capacity (transitions); the teacher buffer holds `teacher_steps`"""
+    """the student's online (prioritized) replay capacity (transitions); the teacher data has its own buffer"""
     gamma: float = 0.99
     """the discount factor gamma"""
     n_step: int = 3
@@ -132,9 +200,11 @@ class Args:
     start_e: float = 1.0
     """the starting epsilon for exploration (ignored with --noisy)"""
     end_e: float = 0.01
-    """the ending epsilon for exploration (ignored with --noisy)"""
+    """the ending epsilon for exploration (with --noisy, the constant training epsilon)"""
     epsilon_decay_steps: int = 50_000
-    """online agent steps over which epsilon decays linearly from start_e to end_e"""
+    """epsilon decays linearly from start_e to end_e over this many training steps, counting the offline updates as the reference does: after an offline phase of >= epsilon_decay_steps updates epsilon is end_e from the first online step; without one it decays over the first online agent steps (no warm-up)"""
+    epsilon_warmup_steps: int = 0
+    """online agent steps at start_e before epsilon starts to decay (Dopamine's linearly_decaying_epsilon warm-up; tabula-rasa: 20,000)"""
     learning_starts: int = 20_000
     """online agent steps collected before the student starts learning"""
     train_frequency: int = 4
@@ -143,14 +213,24 @@ class Args:
     # Evaluation
     eval_frequency: int = 250_000
     """online agent steps between evaluations (one Dopamine iteration); lambda is recomputed after each"""
-    eval_episodes: int = 100
-    """a student evaluation stops after this many finished episodes (or `eval_steps` agent steps)"""
     eval_steps: int = 125_000
-    """agent-step budget of every evaluation (Dopamine: 125,000); an unfinished episode counts nowhere"""
+    """evaluations play whole episodes until at least this many agent steps have passed, finish the episodes in progress, and average all of them (Dopamine's protocol)"""
+    eval_episodes: int | None = None
+    """optional cap: no new evaluation episode starts once this many have started (default none, as Dopamine)"""
     eval_epsilon: float = 0.001
     """epsilon of the greedy policy during evaluations"""
+    offline_eval_frequency: int = 100_000
+    """offline updates between student evaluations during the offline phase (logged as offline/eval_return; no effect on training); 0 disables"""
     log_frequency: int = 100
     """gradient updates between loss logs"""
+
+    # Speed (no effect on the results)
+    updates_per_call: int = 100
+    """offline updates fused in one jitted call (lax.scan); the results equal one update per call"""
+    replay_on_host: bool = False
+    """keep the replay buffers in host memory (the same jitted functions placed on the CPU device) when they do not fit the accelerator"""
+    overlap_env: bool = True
+    """step the environments while the device learns: actions then use the params from before the previous vector step's updates (a one-step policy lag); --no-overlap-env is strictly sequential"""
 
 
 class ConfigError(ValueError):
@@ -158,22 +238,25 @@ class ConfigError(ValueError):
 
 
 def check_args(args: Args) -> None:
-    positive = ["num_envs", "eval_num_envs", "teacher_eval_episodes", "total_timesteps", "buffer_size", "batch_size", "n_step",
-                "target_network_frequency", "train_frequency", "eval_frequency", "eval_episodes", "eval_steps", "log_frequency", "epsilon_decay_steps"]
+    positive = ["num_envs", "eval_num_envs", "max_episode_steps", "total_timesteps", "buffer_size", "batch_size", "n_step",
+                "target_network_frequency", "train_frequency", "eval_frequency", "eval_steps", "log_frequency",
+                "epsilon_decay_steps", "updates_per_call"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
     for name in ["teacher_steps", "offline_steps", "learning_starts", "distill_coef", "distill_decay_period", "td_coef",
-                 "per_alpha", "per_beta", "noisy_sigma0"]:
+                 "offline_eval_frequency", "per_alpha", "per_beta", "noisy_sigma0"]:
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    if args.eval_episodes is not None and args.eval_episodes <= 0:
+        raise ConfigError(f"--eval-episodes must be > 0 (got {args.eval_episodes})")
     if args.temperature <= 0:
         raise ConfigError(f"--temperature must be > 0 (got {args.temperature})")
     if args.num_atoms < 2:
         raise ConfigError(f"--num-atoms must be >= 2 (got {args.num_atoms})")
     if not args.v_min < args.v_max:
         raise ConfigError(f"--v-min must be below --v-max (got {args.v_min} and {args.v_max})")
-    if args.offline_steps > 0 and args.teacher_steps < args.batch_size + args.n_step + 4 * args.num_envs:
+    if args.offline_steps > 0 and args.teacher_data != "dopamine-replay" and args.teacher_steps < args.batch_size + (args.n_step + 4) * args.num_envs:
         raise ConfigError(f"--teacher-steps {args.teacher_steps} is too few to sample batches of {args.batch_size} for --offline-steps; collect more or pass --offline-steps 0")
     if args.buffer_size < max(args.learning_starts, args.batch_size + (args.n_step + 4) * args.num_envs):
         raise ConfigError(f"--buffer-size {args.buffer_size} is smaller than what the online phase needs (--learning-starts {args.learning_starts}, a batch of {args.batch_size}); raise it")
@@ -183,22 +266,24 @@ def check_args(args: Args) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Networks: a torso (Nature or Impala) and a C51 head (optionally dueling, noisy)
+# Networks: a torso (Nature or Impala) and a C51 head (optionally dueling, noisy).
+# Initialisers as Dopamine 4.0.6's FullRainbowNetwork and the reference's
+# ImpalaRainbowNetwork: xavier_uniform for the convolutions (the Impala stage
+# convolutions; flax's default for its residual ones) and the dense layers.
 # ----------------------------------------------------------------------------
-# Dopamine's Rainbow initialiser (dopamine/jax/networks.py).
-dopamine_init = nn.initializers.variance_scaling(scale=1.0 / np.sqrt(3.0), mode="fan_in", distribution="uniform")
+xavier = nn.initializers.xavier_uniform()
 
 
 class NoisyDense(nn.Module):
-    """Factorised Gaussian NoisyNet layer (Fortunato et al. 2018).
+    """Factorised Gaussian NoisyNet layer as Dopamine's NoisyNetwork (Fortunato et al. 2018).
 
     w = mu_w + sigma_w * f(eps_in) f(eps_out)^T, b = mu_b + sigma_b * f(eps_out),
     f(x) = sign(x) sqrt(|x|); mu ~ U[-1/sqrt(p), 1/sqrt(p)], sigma = sigma0 / sqrt(p).
-    `key` draws fresh noise (one draw for the whole batch); key=None uses the mean weights.
+    `key` draws the noise (one draw for the whole batch); key=None uses the mean weights.
     """
 
     features: int
-    sigma0: float = 0.5
+    sigma0: float = 0.1
 
     @nn.compact
     def __call__(self, x, key=None):
@@ -206,10 +291,10 @@ class NoisyDense(nn.Module):
         bound = 1.0 / np.sqrt(p)
         uniform = lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -bound, bound)  # noqa: E731
         sigma = nn.initializers.constant(self.sigma0 / np.sqrt(p))
-        mu_w = self.param("mu_kernel", uniform, (p, self.features))
-        mu_b = self.param("mu_bias", uniform, (self.features,))
-        sigma_w = self.param("sigma_kernel", sigma, (p, self.features))
-        sigma_b = self.param("sigma_bias", sigma, (self.features,))
+        mu_w = self.param("kernel_mu", uniform, (p, self.features))
+        sigma_w = self.param("kernel_sigma", sigma, (p, self.features))
+        mu_b = self.param("bias_mu", uniform, (self.features,))
+        sigma_b = self.param("bias_sigma", sigma, (self.features,))
         y = x @ mu_w + mu_b
         if key is None:
             return y
@@ -226,9 +311,9 @@ class NatureTorso(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Conv(32, (8, 8), strides=(4, 4), padding="SAME", kernel_init=dopamine_init)(x))
-        x = nn.relu(nn.Conv(64, (4, 4), strides=(2, 2), padding="SAME", kernel_init=dopamine_init)(x))
-        x = nn.relu(nn.Conv(64, (3, 3), strides=(1, 1), padding="SAME", kernel_init=dopamine_init)(x))
+        x = nn.relu(nn.Conv(32, (8, 8), strides=(4, 4), padding="SAME", kernel_init=xavier)(x))
+        x = nn.relu(nn.Conv(64, (4, 4), strides=(2, 2), padding="SAME", kernel_init=xavier)(x))
+        x = nn.relu(nn.Conv(64, (3, 3), strides=(1, 1), padding="SAME", kernel_init=xavier)(x))
         return x.reshape((x.shape[0], -1))  # H, W, C order, as Dopamine flattens
 
 
@@ -243,14 +328,14 @@ class ResidualBlock(nn.Module):
 
 
 class ImpalaCNN(nn.Module):
-    """Impala CNN torso (Espeholt et al. 2018) as in the paper's Fig. 1 student; the Dense 512 is the head's."""
+    """Impala CNN torso (Espeholt et al. 2018) as the reference's ImpalaEncoder; the Dense 512 is the head's."""
 
     channels: tuple[int, ...] = (16, 32, 32)
 
     @nn.compact
     def __call__(self, x):
         for c in self.channels:
-            x = nn.Conv(c, (3, 3), padding="SAME")(x)
+            x = nn.Conv(c, (3, 3), padding="SAME", kernel_init=xavier)(x)
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
             x = ResidualBlock(c)(x)
             x = ResidualBlock(c)(x)
@@ -263,7 +348,8 @@ class RainbowNetwork(nn.Module):
     Torso, then Dense 512 + ReLU, then the C51 output (Dopamine's FullRainbowNetwork
     head). Dueling: value (num_atoms) and advantage (num_actions x num_atoms) streams
     from the same hidden layer, logits = V + A - mean_a A. Noisy: every head layer is
-    a NoisyDense; pass `key` for fresh noise, key=None for the mean weights.
+    a NoisyDense fed the same key, as Dopamine's feature_layer; pass `key` for noise,
+    key=None for the mean weights.
     """
 
     num_actions: int
@@ -271,27 +357,26 @@ class RainbowNetwork(nn.Module):
     torso: str = "nature"
     dueling: bool = False
     noisy: bool = False
-    sigma0: float = 0.5
+    sigma0: float = 0.1
 
     @nn.compact
     def __call__(self, x, key=None):
         x = jnp.transpose(x, (0, 2, 3, 1)).astype(jnp.float32) / 255.0
         x = NatureTorso()(x) if self.torso == "nature" else ImpalaCNN()(x)
-        keys = list(jax.random.split(key, 3)) if (key is not None and self.noisy) else [None] * 3
-        init = dopamine_init if self.torso == "nature" else nn.initializers.lecun_normal()
+        key = key if self.noisy else None
 
-        def dense(h, features, name, k):
+        def dense(h, features, name):
             if self.noisy:
-                return NoisyDense(features, self.sigma0, name=name)(h, k)
-            return nn.Dense(features, kernel_init=init, name=name)(h)
+                return NoisyDense(features, self.sigma0, name=name)(h, key)
+            return nn.Dense(features, kernel_init=xavier, name=name)(h)
 
-        h = nn.relu(dense(x, 512, "hidden", keys[0]))
+        h = nn.relu(dense(x, 512, "hidden"))
         A, K = self.num_actions, self.num_atoms
         if self.dueling:
-            adv = dense(h, A * K, "advantage", keys[1]).reshape((-1, A, K))
-            value = dense(h, K, "value", keys[2]).reshape((-1, 1, K))
+            adv = dense(h, A * K, "advantage").reshape((-1, A, K))
+            value = dense(h, K, "value").reshape((-1, 1, K))
             return value + adv - jnp.mean(adv, axis=1, keepdims=True)
-        return dense(h, A * K, "logits", keys[1]).reshape((-1, A, K))
+        return dense(h, A * K, "logits").reshape((-1, A, K))
 
 
 def make_student(args: Args, num_actions: int) -> RainbowNetwork:
@@ -303,287 +388,262 @@ def make_support(args: Args) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
-# Prioritized replay: a vectorised sum tree
+# Replay on the device: every 84x84 frame stored once, stacks rebuilt at sampling
 # ----------------------------------------------------------------------------
-class SumTree:
-    """Array-backed binary sum tree over `capacity` leaves, numpy-vectorised.
+TERMINATED, TRUNCATED, FINAL, INVALID = 1, 2, 4, 8
+STACK = 4
 
-    nodes[1] is the root, node i has children 2i and 2i+1, leaf k sits at
-    nodes[leaf0 + k]. `set` writes a batch of leaves then recomputes their
-    parents level by level; `find` descends a batch of queries level by level.
-    `max_priority` is the largest priority ever set (starts at 1.0, as Dopamine).
+
+class Replay(NamedTuple):
+    """A frame store of S streams (one per env, plus one per loaded Dopamine replay) in flat arrays.
+
+    Stream s owns rows [base[s], base[s] + length[s]) as a ring; its absolute row j
+    (counted from its first write) sits at base[s] + j % length[s]. A row is (newest
+    frame of s_t, a_t, clipped r_t, flags, step in episode). When an episode ends one
+    extra FINAL row keeps its last frame, so n-step targets bootstrap through a
+    truncation but stop at a termination. Stacks are the 4 latest rows of the same
+    episode, zeros before its start (as Dopamine). INVALID marks rows never to sample
+    (what Dopamine's own validity rule rejects in a loaded replay).
     """
 
-    def __init__(self, capacity: int):
-        if capacity < 1:
-            raise ValueError(f"a sum tree needs capacity >= 1 (got {capacity})")
-        self.capacity = int(capacity)
-        self.depth = int(np.ceil(np.log2(self.capacity))) if self.capacity > 1 else 0
-        self.leaf0 = 1 << self.depth
-        self.nodes = np.zeros(2 * self.leaf0, np.float64)
-        self.max_priority = 1.0
-
-    @property
-    def total(self) -> float:
-        return float(self.nodes[1])
-
-    def get(self, idx) -> np.ndarray:
-        return self.nodes[self.leaf0 + np.asarray(idx, np.int64)]
-
-    def set(self, idx, priorities) -> None:
-        idx = np.asarray(idx, np.int64).ravel()
-        if idx.size == 0:
-            return
-        p = np.broadcast_to(np.asarray(priorities, np.float64), idx.shape)
-        if not np.all(np.isfinite(p)) or np.any(p < 0):
-            raise ValueError("priorities must be finite and >= 0")
-        if idx.min() < 0 or idx.max() >= self.capacity:
-            raise IndexError(f"sum tree index out of range [0, {self.capacity})")
-        node = idx + self.leaf0
-        self.nodes[node] = p  # duplicates: the last one wins; parents are recomputed from the children
-        self.max_priority = max(self.max_priority, float(p.max()))
-        for _ in range(self.depth):
-            node = node >> 1
-            self.nodes[node] = self.nodes[2 * node] + self.nodes[2 * node + 1]
-
-    def find(self, queries) -> np.ndarray:
-        """Leaf k with cumsum[k-1] <= q < cumsum[k]; never a zero-priority leaf (if the total is > 0)."""
-        q = np.array(queries, np.float64)
-        node = np.ones(q.shape, np.int64)
-        for _ in range(self.depth):
-            left, right = self.nodes[2 * node], self.nodes[2 * node + 1]
-            go_right = ((q >= left) | (left <= 0.0)) & (right > 0.0)
-            q = np.where(go_right, q - left, q)
-            node = 2 * node + go_right
-        return node - self.leaf0
-
-    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Stratified as Dopamine: one query per equal slice of [0, total). Returns (leaves, P)."""
-        total = self.total
-        if not total > 0.0:
-            raise RuntimeError("cannot sample from a sum tree whose priorities are all zero")
-        bounds = np.linspace(0.0, total, batch_size + 1)
-        idx = self.find(rng.uniform(bounds[:-1], bounds[1:]))
-        return idx, self.get(idx) / total
+    frames: jax.Array  # (F, 84, 84) uint8
+    actions: jax.Array  # (F,) uint8
+    rewards: jax.Array  # (F,) float32
+    flags: jax.Array  # (F,) uint8
+    ep_step: jax.Array  # (F,) uint8, saturating at 255 (stacking only asks "< 3?")
+    teacher_q: jax.Array  # (F, A) float32 teacher Q-values of each row's state, or (F, 0)
+    base: jax.Array  # (S,) int32
+    length: jax.Array  # (S,) int32
+    count: jax.Array  # (S,) int32 rows ever written
+    t: jax.Array  # (S,) int32 episode step of the pending observation
+    ended: jax.Array  # (S,) bool: the last step ended an episode, so the next one is envpool's auto-reset
+    # Prioritized replay (a 2-node stub when uniform): sum tree over the F rows, leaf > 0 exactly for the valid rows.
+    tree: jax.Array  # (2 * L0,) float32, L0 = next power of 2 >= F; node 1 is the root, node i has children 2i, 2i+1
+    max_priority: jax.Array  # () float32, the largest priority ever set (starts at 1, as Dopamine)
+    pending: jax.Array  # (F,) bool: written, not yet a valid transition, so without a priority
 
 
-def importance_weights(probs: np.ndarray, beta: float) -> np.ndarray:
-    """(1/P)^beta normalised by the batch max, i.e. (N P)^-beta / max: = (min P / P)^beta."""
-    probs = np.asarray(probs, np.float64)
-    return ((probs.min() / probs) ** beta).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------
-# Replay: every 84x84 frame stored once, stacks rebuilt at sampling
-# ----------------------------------------------------------------------------
 class Batch(NamedTuple):
-    obs: np.ndarray  # (B, 4, 84, 84) uint8
-    actions: np.ndarray  # (B,) int32
-    returns: np.ndarray  # (B,) float32: sum_{k<L} gamma^k r_{t+k}
-    discounts: np.ndarray  # (B,) float32: gamma^L, 0 if the episode terminated within the L steps
-    next_obs: np.ndarray  # (B, 4, 84, 84) uint8: the state L steps later
-    env_idx: np.ndarray  # (B,) where the samples live (for priorities)
-    row_idx: np.ndarray  # (B,)
-    teacher_q: np.ndarray | None  # (B, A) teacher Q-values of obs, when the buffer caches them
-    weights: np.ndarray  # (B,) float32 importance weights (ones when sampled uniformly)
+    obs: jax.Array  # (B, 4, 84, 84) uint8
+    actions: jax.Array  # (B,) int32
+    returns: jax.Array  # (B,) sum_{k<L} gamma^k r_{t+k}
+    discounts: jax.Array  # (B,) gamma^L, 0 if the episode terminated within the L steps
+    next_obs: jax.Array  # (B, 4, 84, 84) the state L steps later
+    teacher_q: jax.Array  # (B, A) cached teacher Q-values of obs, or (B, 0)
+    index: jax.Array  # (B,) flat row of each sample (its sum-tree leaf)
+    weights: jax.Array  # (B,) importance weights (ones when sampled uniformly)
 
 
-TERMINATED, TRUNCATED, FINAL = 1, 2, 4
+def _tree_leaves(rows: int) -> int:
+    return 1 << max(int(rows - 1).bit_length(), 0)
 
 
-class FrameReplayBuffer:
-    """Replay memory that stores each frame once, one circular stream per env.
+def replay_bytes(lengths: list[int], teacher_q_dim: int, prioritized: bool = False) -> int:
+    rows = sum(lengths)
+    per_row = 84 * 84 + 1 + 4 + 1 + 1 + 4 * teacher_q_dim + (1 if prioritized else 0)
+    return rows * per_row + (2 * _tree_leaves(rows) * 4 if prioritized else 0)
 
-    A row is (newest frame of s_t, a_t, clipped r_t, flags, step-in-episode).
-    When an episode ends, one extra FINAL row keeps its last frame, so n-step
-    targets can bootstrap through a truncation (27,000-step cap) but stop at a
-    termination. Stacks are rebuilt from the 4 latest rows of the same
-    episode; slots before the episode's start are zeros, as in Dopamine.
-    Call ``add`` once per vector env step, with envpool's auto-reset semantics:
-    the step after an episode end (a reset, action ignored) is skipped.
-    With ``teacher_q_dim`` > 0 it also keeps the teacher's Q-values of each
-    state (computed while the teacher acted), so the offline phase never runs
-    the teacher network again.
 
-    ``prioritized=True`` adds a sum tree with one leaf per row (leaf = env * rows
-    + row): a row gets the max priority seen so far when it becomes a valid
-    transition (its n-step bootstrap row is written), its priority is zeroed
-    when it is overwritten or its stack loses a frame to the write cursor, and
-    FINAL rows never get one. So leaf > 0 exactly for the valid rows, and
-    ``sample`` draws rows with P proportional to priority.
-    """
+def make_replay(lengths: list[int], teacher_q_dim: int = 0, device=None, prioritized: bool = False) -> Replay:
+    """An empty frame store with one stream per entry of `lengths`, allocated on `device`."""
+    rows = int(sum(lengths))
+    z = functools.partial(jnp.zeros, device=device)
+    base = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32)
+    return Replay(
+        frames=z((rows, 84, 84), jnp.uint8), actions=z((rows,), jnp.uint8), rewards=z((rows,), jnp.float32),
+        flags=z((rows,), jnp.uint8), ep_step=z((rows,), jnp.uint8), teacher_q=z((rows, teacher_q_dim), jnp.float32),
+        base=jax.device_put(base, device), length=jax.device_put(np.asarray(lengths, np.int32), device),
+        count=z((len(lengths),), jnp.int32), t=z((len(lengths),), jnp.int32), ended=z((len(lengths),), bool),
+        tree=z((2 * _tree_leaves(rows) if prioritized else 2,), jnp.float32), max_priority=jax.device_put(np.float32(1.0), device),
+        pending=z((rows if prioritized else 1,), bool))
 
-    def __init__(self, capacity: int, num_envs: int, n_step: int, gamma: float, stack: int = 4, frame_shape=(84, 84),
-                 teacher_q_dim: int = 0, prioritized: bool = False, alpha: float = 0.5, beta: float = 0.5):
-        self.num_envs, self.n_step, self.gamma, self.stack = num_envs, n_step, gamma, stack
-        self.rows = -(-capacity // num_envs)  # per env stream
-        shape = (num_envs, self.rows)
-        self.frames = np.zeros(shape + tuple(frame_shape), np.uint8)
-        self.actions = np.zeros(shape, np.uint8)
-        self.rewards = np.zeros(shape, np.float32)
-        self.flags = np.zeros(shape, np.uint8)
-        # Step of a row inside its episode, saturating: stacking only asks "< 3?".
-        self.ep_step = np.zeros(shape, np.uint8)
-        self.teacher_q = np.zeros(shape + (teacher_q_dim,), np.float32) if teacher_q_dim else None
-        self.count = np.zeros(num_envs, np.int64)  # rows ever written per stream
-        self._t = np.zeros(num_envs, np.int64)  # episode step of the pending observation
-        self._ended = np.zeros(num_envs, bool)
-        self.alpha, self.beta = alpha, beta
-        self.tree = SumTree(num_envs * self.rows) if prioritized else None
-        self._pending = np.zeros(shape, bool) if prioritized else None  # written, not yet given a priority
 
-    @property
-    def bytes_per_transition(self) -> float:
-        arrays = (self.frames, self.actions, self.rewards, self.flags, self.ep_step, self.teacher_q,
-                  self._pending if self.tree is not None else None, self.tree.nodes if self.tree is not None else None)
-        return sum(a.nbytes for a in arrays if a is not None) / (self.num_envs * self.rows)
+def _prioritized(rb: Replay) -> bool:
+    return rb.tree.shape[0] > 2
 
-    def __len__(self) -> int:
-        return int(np.minimum(self.count, self.rows).sum())
 
-    def _write(self, envs: np.ndarray, frames, actions, rewards, flags, ep_step, teacher_q=None) -> None:
-        r = self.count[envs] % self.rows
+# Sum tree: level-by-level vectorised set and descent; the depth is static, so both unroll in the jit.
+def tree_set(tree: jax.Array, leaves: jax.Array, values: jax.Array, keep: jax.Array) -> jax.Array:
+    """Set the `keep`ed leaves to `values` and recompute their ancestors (duplicate leaves: any one value wins)."""
+    leaf0 = tree.shape[0] // 2
+    node = jnp.where(keep, leaves + leaf0, tree.shape[0])  # out of range = dropped
+    tree = tree.at[node].set(jnp.broadcast_to(values, node.shape).astype(tree.dtype), mode="drop")
+    for _ in range(leaf0.bit_length() - 1):
+        node = jnp.where(keep, node // 2, tree.shape[0])
+        tree = tree.at[node].set(tree[jnp.minimum(2 * node, tree.shape[0] - 2)] + tree[jnp.minimum(2 * node + 1, tree.shape[0] - 1)], mode="drop")
+    return tree
+
+
+def tree_find(tree: jax.Array, queries: jax.Array) -> jax.Array:
+    """Leaf k with cumsum[k-1] <= q < cumsum[k]; never a zero-priority leaf while the total is > 0."""
+    leaf0 = tree.shape[0] // 2
+    node = jnp.ones(queries.shape, jnp.int32)
+    q = queries
+    for _ in range(leaf0.bit_length() - 1):
+        left, right = tree[2 * node], tree[2 * node + 1]
+        go_right = ((q >= left) | (left <= 0.0)) & (right > 0.0)
+        q = jnp.where(go_right, q - left, q)
+        node = 2 * node + go_right
+    return node - leaf0
+
+
+def _row(rb: Replay, s, j):
+    return rb.base[s] + jnp.mod(j, rb.length[s])
+
+
+def replay_add(rb: Replay, first_stream: int, frames, actions, rewards, terminated, truncated, next_frames, teacher_q=None,
+               n_step: int = 3) -> Replay:
+    """One vector step of streams first_stream.. : newest frames of s_t, a_t, clipped r_t, flags, newest frames of
+    s_{t+1} (and the teacher's Q-values of s_t). envpool auto-resets: a step right after an episode end is the
+    reset (its action ignored) and is not stored. With prioritized replay, rows enter the sum tree (at the max
+    priority) once they are valid for this n-step horizon, and leave it when overwritten."""
+    rows = rb.frames.shape[0]
+    s = first_stream + jnp.arange(frames.shape[0])
+    live = ~rb.ended[s]
+    ended = (terminated | truncated) & live
+    flags = jnp.where(terminated, TERMINATED, 0) | jnp.where(truncated, TRUNCATED, 0)
+    t = rb.t[s]
+
+    def write(rb, where, frames, actions, rewards, flags, ep_step, teacher_q):
+        r = jnp.where(where, _row(rb, s, rb.count[s]), rows)  # out of range = dropped
+        if _prioritized(rb):
+            # An overwritten row, and the next-oldest rows whose stack reached back to it, are no longer valid.
+            over = where & (rb.count[s] >= rb.length[s])
+            k = jnp.arange(STACK)
+            rk = _row(rb, s[:, None], rb.count[s][:, None] + k[None, :])
+            hit = over[:, None] & ((k == 0) | (jnp.minimum(rb.ep_step[rk].astype(jnp.int32), STACK - 1) >= k)[None, :])
+            rb = rb._replace(tree=tree_set(rb.tree, rk.ravel(), 0.0, hit.ravel()), pending=rb.pending.at[r].set(True, mode="drop"))
+        rb = rb._replace(
+            frames=rb.frames.at[r].set(frames, mode="drop"), actions=rb.actions.at[r].set(actions, mode="drop"),
+            rewards=rb.rewards.at[r].set(rewards, mode="drop"), flags=rb.flags.at[r].set(flags, mode="drop"),
+            ep_step=rb.ep_step.at[r].set(jnp.minimum(ep_step, 255).astype(jnp.uint8), mode="drop"),
+            count=rb.count.at[s].add(where.astype(jnp.int32)))
         if teacher_q is not None:
-            self.teacher_q[envs, r] = teacher_q
-        if self.tree is not None:
-            # Zero the overwritten row and the (up to 3) next-oldest rows whose stack reached back to it.
-            over = envs[self.count[envs] >= self.rows]
-            if over.size:
-                ro = self.count[over] % self.rows
-                leaves = [over * self.rows + ro]
-                for k in range(1, self.stack):
-                    rk = (ro + k) % self.rows
-                    hit = np.minimum(self.ep_step[over, rk], self.stack - 1) >= k
-                    leaves.append(over[hit] * self.rows + rk[hit])
-                self.tree.set(np.concatenate(leaves), 0.0)
-            self._pending[envs, r] = True
-        self.frames[envs, r] = frames
-        self.actions[envs, r] = actions
-        self.rewards[envs, r] = rewards
-        self.flags[envs, r] = flags
-        self.ep_step[envs, r] = np.minimum(ep_step, 255)
-        self.count[envs] += 1
+            rb = rb._replace(teacher_q=rb.teacher_q.at[r].set(teacher_q, mode="drop"))
+        return rb
 
-    def _activate(self, envs: np.ndarray) -> None:
-        """Give the max priority to the pending rows of `envs` that became valid transitions."""
-        k = np.arange(self.n_step + 2)  # a row is valid once its bootstrap row (<= n_step later) is written
-        env = np.repeat(envs, k.size)
-        j = (self.count[envs][:, None] - 1 - k[None, :]).ravel()
-        keep = j >= np.maximum(self.count[env] - self.rows, 0)
-        env, j = env[keep], j[keep]
-        pend = self._pending[env, j % self.rows]
-        env, j = env[pend], j[pend]
-        if j.size == 0:
-            return
-        ok = self.valid(env, j)[0]
-        env, r = env[ok], j[ok] % self.rows
-        self.tree.set(env * self.rows + r, self.tree.max_priority)
-        self._pending[env, r] = False
+    rb = write(rb, live, frames, actions.astype(jnp.uint8), rewards, flags.astype(jnp.uint8), t, teacher_q)
+    # The episode's last frame, for bootstrapping through a truncation.
+    rb = write(rb, ended, next_frames, jnp.zeros_like(actions, jnp.uint8), jnp.zeros_like(rewards), jnp.full_like(flags, FINAL, jnp.uint8),
+               t + 1, None if teacher_q is None else jnp.zeros_like(teacher_q))
+    rb = rb._replace(t=rb.t.at[s].set(jnp.where(live, t + 1, 0)), ended=rb.ended.at[s].set(ended))
+    if _prioritized(rb):
+        rb = _activate(rb, s, live, n_step)
+    return rb
 
-    def add(self, frames, actions, rewards, terminated, truncated, next_frames, teacher_q=None) -> None:
-        """One vector step: newest frames of s_t, a_t, r_t (clipped), flags, newest frames of s_{t+1}
-        (and the teacher's Q-values of s_t if the buffer caches them)."""
-        live = ~self._ended
-        e = np.flatnonzero(live)
-        ended = (np.asarray(terminated) | np.asarray(truncated)) & live
-        flags = np.where(terminated, TERMINATED, 0) | np.where(truncated, TRUNCATED, 0)
-        self._write(e, frames[e], actions[e], rewards[e], flags[e], self._t[e], None if teacher_q is None else teacher_q[e])
-        self._t[e] += 1
-        d = np.flatnonzero(ended)
-        if d.size:  # keep the episode's last frame for bootstrapping
-            self._write(d, next_frames[d], 0, 0.0, FINAL, self._t[d])
-        if self.tree is not None and e.size:
-            self._activate(e)
-        resets = ~live  # this step was envpool's auto-reset: a new episode starts
-        self._t[resets] = 0
-        self._ended = ended
 
-    def _stacks(self, env: np.ndarray, row: np.ndarray) -> np.ndarray:
-        k = np.arange(self.stack - 1, -1, -1)  # slot 3 is the newest frame
-        rows = (row[:, None] - k[None, :]) % self.rows
-        out = self.frames[env[:, None], rows]
-        out[k[None, :] > self.ep_step[env, row][:, None].astype(np.int64)] = 0
-        return out
+def _activate(rb: Replay, s, live, n_step: int) -> Replay:
+    """Give the max priority to the pending rows of streams s that just became valid transitions (their n-step
+    bootstrap row is now written, so they are among the last n_step + 2 rows)."""
+    k = jnp.arange(n_step + 2)
+    j = rb.count[s][:, None] - 1 - k[None, :]
+    ss = jnp.broadcast_to(s[:, None], j.shape)
+    keep = live[:, None] & (j >= jnp.maximum(rb.count[s] - rb.length[s], 0)[:, None])
+    row = _row(rb, ss, j)
+    ok = replay_valid(rb, ss.ravel(), j.ravel(), n_step, 1.0)[0].reshape(j.shape)
+    activate = keep & rb.pending[row] & ok
+    rows = rb.frames.shape[0]
+    return rb._replace(tree=tree_set(rb.tree, row.ravel(), rb.max_priority, activate.ravel()),
+                       pending=rb.pending.at[jnp.where(activate, row, rows).ravel()].set(False, mode="drop"))
 
-    def valid(self, env: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """For absolute row numbers j of streams env: (valid, returns, discounts, L)."""
-        n, cnt = self.n_step, self.count[env]
-        window = (j[:, None] + np.arange(n)[None, :]) % self.rows
-        flags = self.flags[env[:, None], window]
-        ended = (flags & (TERMINATED | TRUNCATED)) > 0
-        first_end = np.where(ended.any(1), ended.argmax(1), n - 1)
-        L = first_end + 1
-        alive = np.arange(n)[None, :] <= first_end[:, None]
-        returns = (self.rewards[env[:, None], window] * (self.gamma ** np.arange(n))[None, :] * alive).sum(1)
-        done = (flags[np.arange(len(j)), first_end] & TERMINATED) > 0
-        discounts = np.where(done, 0.0, self.gamma**L)
-        history = np.minimum(self.ep_step[env, j % self.rows].astype(np.int64), self.stack - 1)
-        ok = (
-            (j + L <= cnt - 1)  # the bootstrap row exists (so no end was read from unwritten, stale rows)
-            & (j - history >= np.maximum(cnt - self.rows, 0))  # its stack was not overwritten
-            & ((self.flags[env, j % self.rows] & FINAL) == 0)
-        )
-        return ok, returns.astype(np.float32), discounts.astype(np.float32), L
 
-    def _batch(self, env: np.ndarray, j: np.ndarray, returns, discounts, L, weights) -> Batch:
-        rows = j % self.rows
-        return Batch(
-            obs=self._stacks(env, rows),
-            actions=self.actions[env, rows].astype(np.int32),
-            returns=returns,
-            discounts=discounts,
-            next_obs=self._stacks(env, (j + L) % self.rows),
-            env_idx=env,
-            row_idx=rows,
-            teacher_q=None if self.teacher_q is None else self.teacher_q[env, rows],
-            weights=weights,
-        )
+def replay_valid(rb: Replay, s, j, n_step: int, gamma: float):
+    """For absolute rows j of streams s: (valid, n-step returns, discounts, L)."""
+    k = jnp.arange(n_step)
+    rows = _row(rb, s[:, None], j[:, None] + k[None, :])
+    flags = rb.flags[rows]
+    ends = (flags & (TERMINATED | TRUNCATED)) > 0
+    first_end = jnp.where(ends.any(1), jnp.argmax(ends, 1), n_step - 1)
+    L = first_end + 1
+    alive = k[None, :] <= first_end[:, None]
+    returns = jnp.sum(rb.rewards[rows] * (gamma ** k)[None, :] * alive, axis=1)
+    done = (jnp.take_along_axis(flags, first_end[:, None], 1)[:, 0] & TERMINATED) > 0
+    discounts = jnp.where(done, 0.0, gamma ** L.astype(jnp.float32))
+    row = _row(rb, s, j)
+    history = jnp.minimum(rb.ep_step[row].astype(jnp.int32), STACK - 1)
+    count = rb.count[s]
+    ok = ((j + L <= count - 1)  # the bootstrap row exists
+          & (j - history >= jnp.maximum(count - rb.length[s], 0))  # the stack was not overwritten
+          & ((rb.flags[row] & (FINAL | INVALID)) == 0))
+    return ok, returns.astype(jnp.float32), discounts.astype(jnp.float32), L
 
-    def sample(self, batch_size: int, rng: np.random.Generator) -> Batch:
-        """Uniform over valid transitions, or by priority (with importance weights) if prioritized."""
-        if self.tree is not None:
-            return self._sample_prioritized(batch_size, rng)
-        sizes = np.minimum(self.count, self.rows)
-        total = int(sizes.sum())
-        if total < 1:
-            raise RuntimeError("cannot sample from an empty replay buffer")
-        env_parts, j_parts, ret_parts, disc_parts, L_parts, got = [], [], [], [], [], 0
-        for _ in range(100):
-            flat = rng.integers(0, total, size=2 * batch_size)
-            env = np.searchsorted(np.cumsum(sizes), flat, side="right")
-            pos = flat - (np.cumsum(sizes) - sizes)[env]
-            j = np.maximum(self.count[env] - self.rows, 0) + pos
-            ok, ret, disc, L = self.valid(env, j)
-            env_parts.append(env[ok]), j_parts.append(j[ok]), ret_parts.append(ret[ok]), disc_parts.append(disc[ok]), L_parts.append(L[ok])
-            got += int(ok.sum())
-            if got >= batch_size:
-                break
-        else:
-            raise RuntimeError("replay buffer has too few valid transitions to sample a batch")
-        env, j = np.concatenate(env_parts)[:batch_size], np.concatenate(j_parts)[:batch_size]
-        return self._batch(env, j, np.concatenate(ret_parts)[:batch_size], np.concatenate(disc_parts)[:batch_size],
-                           np.concatenate(L_parts)[:batch_size], np.ones(batch_size, np.float32))
 
-    def _sample_prioritized(self, batch_size: int, rng: np.random.Generator) -> Batch:
-        for _ in range(100):
-            if not self.tree.total > 0.0:
-                raise RuntimeError("replay buffer has no valid transition to sample")
-            leaves, probs = self.tree.sample(batch_size, rng)
-            env, r = np.divmod(leaves, self.rows)
-            j = self.count[env] - 1 - (self.count[env] - 1 - r) % self.rows  # absolute row number
-            ok, ret, disc, L = self.valid(env, j)
-            if ok.all():
-                return self._batch(env, j, ret, disc, L, importance_weights(probs, self.beta))
-            self.tree.set(leaves[~ok], 0.0)  # cannot happen (leaf > 0 only for valid rows); kept as a guard
-        raise RuntimeError("replay buffer has too few valid transitions to sample a batch")
+def replay_stacks(rb: Replay, s, j) -> jax.Array:
+    k = jnp.arange(STACK - 1, -1, -1)  # slot 3 is the newest frame
+    frames = rb.frames[_row(rb, s[:, None], j[:, None] - k[None, :])]
+    before_start = k[None, :] > rb.ep_step[_row(rb, s, j)][:, None].astype(jnp.int32)
+    return jnp.where(before_start[:, :, None, None], jnp.uint8(0), frames)
 
-    def update_priorities(self, env_idx: np.ndarray, row_idx: np.ndarray, losses: np.ndarray) -> np.ndarray:
-        """priority = (loss + 1e-10)^alpha for sampled rows that still hold a transition; returns them."""
-        leaves = np.asarray(env_idx, np.int64) * self.rows + np.asarray(row_idx, np.int64)
-        priorities = (np.asarray(losses, np.float64) + 1e-10) ** self.alpha
-        live = self.tree.get(leaves) > 0.0
-        self.tree.set(leaves[live], priorities[live])
-        return priorities
+
+def replay_sample(rb: Replay, key, batch_size: int, n_step: int, gamma: float, max_rounds: int = 64) -> tuple[Batch, jax.Array]:
+    """A uniform batch of valid transitions (rejection sampling over the stored rows, `batch_size` candidates per
+    round). Returns (batch, ok); ok is False only if `max_rounds` rounds found too few valid rows."""
+    stored = jnp.minimum(rb.count, rb.length)
+    cum = jnp.cumsum(stored)
+    first = jnp.maximum(rb.count - rb.length, 0)
+
+    def round_(carry):
+        key, out_s, out_j, filled, rounds = carry
+        key, k = jax.random.split(key)
+        p = jax.random.randint(k, (batch_size,), 0, jnp.maximum(cum[-1], 1))
+        s = jnp.searchsorted(cum, p, side="right").astype(jnp.int32)
+        j = first[s] + p - (cum[s] - stored[s])
+        ok = replay_valid(rb, s, j, n_step, gamma)[0]
+        pos = filled + jnp.cumsum(ok) - 1
+        dest = jnp.where(ok & (pos < batch_size), pos, batch_size)
+        return (key, out_s.at[dest].set(s, mode="drop"), out_j.at[dest].set(j, mode="drop"),
+                jnp.minimum(filled + ok.sum(), batch_size), rounds + 1)
+
+    zeros = jnp.zeros(batch_size, jnp.int32)
+    _, s, j, filled, _ = jax.lax.while_loop(lambda c: (c[3] < batch_size) & (c[4] < max_rounds), round_,
+                                            (key, zeros, zeros, jnp.int32(0), jnp.int32(0)))
+    _, returns, discounts, L = replay_valid(rb, s, j, n_step, gamma)
+    row = _row(rb, s, j)
+    batch = Batch(obs=replay_stacks(rb, s, j), actions=rb.actions[row].astype(jnp.int32), returns=returns, discounts=discounts,
+                  next_obs=replay_stacks(rb, s, j + L), teacher_q=rb.teacher_q[row], index=row, weights=jnp.ones(batch_size, jnp.float32))
+    return batch, filled == batch_size
+
+
+def replay_sample_prioritized(rb: Replay, key, batch_size: int, n_step: int, gamma: float, beta: float) -> tuple[Batch, jax.Array]:
+    """Stratified as Dopamine: one query per equal slice of the total priority; P(row) = priority / total, importance
+    weights (1/P)^beta normalised by the batch max. ok is False if the tree is empty."""
+    total = rb.tree[1]
+    bounds = jnp.linspace(0.0, total, batch_size + 1)
+    leaf = tree_find(rb.tree, jax.random.uniform(key, (batch_size,), minval=bounds[:-1], maxval=bounds[1:]))
+    probs = rb.tree[rb.tree.shape[0] // 2 + leaf] / total
+    s = (jnp.searchsorted(rb.base, leaf, side="right") - 1).astype(jnp.int32)
+    count, length = rb.count[s], rb.length[s]
+    j = count - 1 - jnp.mod(count - 1 - (leaf - rb.base[s]), length)  # the absolute row held at that leaf
+    ok, returns, discounts, L = replay_valid(rb, s, j, n_step, gamma)
+    weights = (jnp.min(probs) / probs) ** beta
+    batch = Batch(obs=replay_stacks(rb, s, j), actions=rb.actions[leaf].astype(jnp.int32), returns=returns, discounts=discounts,
+                  next_obs=replay_stacks(rb, s, j + L), teacher_q=rb.teacher_q[leaf], index=leaf, weights=weights.astype(jnp.float32))
+    return batch, (total > 0) & ok.all()
+
+
+def replay_set_priorities(rb: Replay, index: jax.Array, losses: jax.Array, alpha: float) -> Replay:
+    """priority = (loss + 1e-10)^alpha for sampled rows that still hold a transition."""
+    priorities = (losses + 1e-10) ** alpha
+    live = rb.tree[rb.tree.shape[0] // 2 + index] > 0.0
+    return rb._replace(tree=tree_set(rb.tree, index, priorities, live),
+                       max_priority=jnp.maximum(rb.max_priority, jnp.max(jnp.where(live, priorities, 0.0))))
+
+
+def replay_fill_from_dopamine(rb: Replay, replay: "tu.DopamineReplay", stream: int, chunk: int = 65_536) -> Replay:
+    """Copy a loaded Dopamine replay into stream `stream` (its length must be the replay's capacity) chunk by chunk,
+    so the device never holds a second copy of the frames. Dopamine already pads each episode start with zero rows,
+    so stacks are its raw frames (ep_step saturated) and its validity rule becomes the INVALID flag."""
+    valid = replay.valid_mask()
+    flags = np.where(replay.terminals > 0, TERMINATED, 0) | np.where(valid, 0, INVALID)
+    set_slice = jax.jit(lambda a, x, start: jax.lax.dynamic_update_slice_in_dim(a, x, start, 0), donate_argnums=0)
+    base = int(rb.base[stream])
+    for name, values in (("frames", replay.frames), ("actions", replay.actions.astype(np.uint8)), ("rewards", replay.rewards),
+                         ("flags", flags.astype(np.uint8)), ("ep_step", np.full(replay.capacity, 255, np.uint8))):
+        arr = getattr(rb, name)
+        for start in range(0, replay.capacity, chunk):
+            arr = set_slice(arr, jax.device_put(values[start : start + chunk], arr.devices().pop()), base + start)
+        rb = rb._replace(**{name: arr})
+    return rb._replace(count=rb.count.at[stream].set(replay.add_count), ended=rb.ended.at[stream].set(True))
 
 
 # ----------------------------------------------------------------------------
@@ -595,23 +655,22 @@ def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
 
 
 def distill_lambda_update(lam: float, student_return: float | None, teacher_return: float | None, random_return: float,
-                          online_steps: int, decay_period: int) -> tuple[float, str]:
-    """lambda after an evaluation: 1 - teacher_normalized_score clipped to [0, 1] (a student below the
-    random score does not push lambda, lr or the distillation weight above their offline values);
-    0 for good after the decay period or once it reached 0. Returns (lambda, reason) where reason
-    explains a kept value."""
-    if online_steps >= decay_period:
-        return 0.0, "decay period over"
-    if lam == 0.0:
+                          online_steps: int, decay_period: int, clip: bool = False) -> tuple[float, str]:
+    """lambda after an evaluation, as the reference's record_score: max(1 - teacher_normalized_score, 0) (capped
+    at 1 with clip=True); 0 for good once more than decay_period online steps have passed or once it reached 0.
+    Returns (lambda, reason) where reason explains a kept value."""
+    if lam <= 0.0:
         return 0.0, "lambda reached 0 and stays there"
+    if online_steps > decay_period:
+        return 0.0, "decay period over"
     if student_return is None:
         return lam, "the student evaluation finished no episode: lambda keeps its value"
     if teacher_return is None:
         return lam, "the teacher evaluation finished no episode: lambda keeps its value"
     if teacher_return <= random_return:
         return lam, f"teacher score {teacher_return:g} <= random score {random_return:g}: lambda keeps its value"
-    tns = tu.teacher_normalized_score(student_return, teacher_return, random_return)
-    return min(max(1.0 - tns, 0.0), 1.0), ""
+    lam = max(1.0 - tu.teacher_normalized_score(student_return, teacher_return, random_return), 0.0)
+    return (min(lam, 1.0) if clip else lam), ""
 
 
 def lambda_learning_rate(lam: float, start_lr: float, end_lr: float) -> float:
@@ -686,20 +745,39 @@ class QState(TrainState):
     target_params: flax.core.FrozenDict
 
 
-def make_update(student: RainbowNetwork, support: jax.Array, temperature: float, td_weight: float = 1.0, double_dqn: bool = False):
-    @jax.jit
-    def update(state: QState, obs, actions, returns, discounts, next_obs, teacher_q, weights, distill_weight, learning_rate, key):
-        k_online, k_target, k_next = jax.random.split(key, 3)  # fresh noise for every forward pass (used if noisy)
-        next_logits_target = student.apply(state.target_params, next_obs, key=k_target)
-        next_logits_online = student.apply(state.params, next_obs, key=k_next) if double_dqn else None
-        target_probs = c51_target(next_logits_target, next_logits_online, returns, discounts, support, double_dqn)
+class Coefs(NamedTuple):
+    """Per-phase loss weights and learning rate: traced values, so changing them never recompiles."""
+
+    td: jax.Array
+    distill: jax.Array  # lambda * c
+    lr: jax.Array
+
+
+def coefs(td: float, distill: float, lr: float) -> Coefs:
+    return Coefs(jnp.float32(td), jnp.float32(distill), jnp.float32(lr))
+
+
+def sync_target(state: QState, now) -> QState:
+    return state.replace(target_params=jax.tree.map(lambda t, p: jnp.where(now, p, t), state.target_params, state.params))
+
+
+def make_update(student: RainbowNetwork, support: jax.Array, temperature: float, double_dqn: bool = False):
+    """One QDagger gradient step: (state, batch, teacher_q, coefs, key) -> (state, metrics, per-sample CE).
+    Noise keys as Dopamine's train step: one key for the online forward pass, another shared by the target
+    network's and (double DQN) the online network's forward passes on the next states."""
+
+    def update(state: QState, batch: Batch, teacher_q, c: Coefs, key):
+        k_online, k_target = jax.random.split(key)
+        next_logits_target = student.apply(state.target_params, batch.next_obs, key=k_target)
+        next_logits_online = student.apply(state.params, batch.next_obs, key=k_target) if double_dqn else None
+        target_probs = c51_target(next_logits_target, next_logits_online, batch.returns, batch.discounts, support, double_dqn)
 
         def loss_fn(params):
-            logits = student.apply(params, obs, key=k_online)
-            return qdagger_rainbow_loss(logits, actions, target_probs, teacher_q, support, weights, distill_weight, temperature, td_weight)
+            logits = student.apply(params, batch.obs, key=k_online)
+            return qdagger_rainbow_loss(logits, batch.actions, target_probs, teacher_q, support, batch.weights, c.distill, temperature, c.td)
 
         grads, (metrics, td) = jax.grad(loss_fn, has_aux=True)(state.params)
-        state.opt_state.hyperparams["learning_rate"] = learning_rate
+        state.opt_state.hyperparams["learning_rate"] = c.lr
         return state.apply_gradients(grads=grads), metrics, td
 
     return update
@@ -707,8 +785,7 @@ def make_update(student: RainbowNetwork, support: jax.Array, temperature: float,
 
 def make_act(q_fn):
     """Epsilon-greedy actions, the Q-values they came from, and the next PRNG key (split inside
-    the jit: a separate split per env step costs as much as a third of the forward pass);
-    q_fn(params, obs, key) -> (B, A) Q-values."""
+    the jit: one dispatch per env step); q_fn(params, obs, key) -> (B, A) Q-values."""
 
     @jax.jit
     def act(params, obs, key, epsilon):
@@ -722,46 +799,139 @@ def make_act(q_fn):
     return act
 
 
-# ----------------------------------------------------------------------------
-# Evaluation: Dopamine's protocol, whichever budget ends first
-# ----------------------------------------------------------------------------
-def evaluate(act, params, envs: tu.DopamineAtariEnvs, max_episodes: int, max_steps: int, epsilon: float, key,
-             desc: str = "eval", frames: list | None = None) -> tuple[list[float], list[int], int]:
-    """Raw-score returns and lengths of the episodes that finished, and agent steps used.
+class Learner(NamedTuple):
+    """The jitted hot paths of the offline and online phases, built from the pure functions above."""
 
-    Stops after `max_episodes` finished episodes or `max_steps` agent steps (all
-    envs together); an unfinished episode is dropped. `frames` (if a list)
-    collects env 0's observations until its first episode ends.
+    offline: callable  # (state, teacher_rb, key, step0, k, n, coefs) -> (state, key, metrics (k, ...))
+    online: callable  # (state, rb, key, transition..., n_updates, sync, coefs, teacher_params) -> (state, rb, key, metrics)
+    add: callable  # (rb, first_stream, transition...) -> rb
+    sample: callable  # (rb, key) -> (batch, ok), prioritized
+    update: callable  # (state, batch, teacher_params, coefs, key) -> (state, metrics, per-sample CE)
+    set_priorities: callable  # (rb, index, per-sample CE) -> rb
+
+
+def make_learner(args: Args, student: RainbowNetwork, support: jax.Array, teacher: nn.Module | None, num_actions: int) -> Learner:
+    update = make_update(student, support, args.temperature, args.double_dqn)
+    sample_uniform = functools.partial(replay_sample, batch_size=args.batch_size, n_step=args.n_step, gamma=args.gamma)
+    sample_prioritized = functools.partial(replay_sample_prioritized, batch_size=args.batch_size, n_step=args.n_step,
+                                           gamma=args.gamma, beta=args.per_beta)
+    set_priorities = functools.partial(replay_set_priorities, alpha=args.per_alpha)
+    offline_target_every = max(args.target_network_frequency // args.train_frequency, 1)
+    zero_metrics = {k: jnp.float32(0) for k in ("td_loss", "distill_loss", "loss", "q_values", "priority_mean")} | {"sample_ok": jnp.bool_(True)}
+
+    def teacher_q_of(teacher_params, obs, distill):
+        # The teacher runs only while its loss counts (lambda * c > 0).
+        if teacher is None:
+            return jnp.zeros((obs.shape[0], num_actions), jnp.float32)
+        return jax.lax.cond(distill > 0, lambda: teacher.apply(teacher_params, obs),
+                            lambda: jnp.zeros((obs.shape[0], num_actions), jnp.float32))
+
+    @functools.partial(jax.jit, donate_argnums=0, static_argnums=4)
+    def offline(state, trb, key, step0, k, n, c: Coefs):
+        """Up to k (static) fused updates on the teacher data, sampled uniformly; the first n run, the rest are skipped."""
+
+        def body(carry, i):
+            def step(carry):
+                state, key = carry
+                key, sk, uk = jax.random.split(key, 3)
+                batch, ok = sample_uniform(trb, sk)
+                state, m, td = update(state, batch, batch.teacher_q, c, uk)
+                state = sync_target(state, (step0 + i + 1) % offline_target_every == 0)
+                return (state, key), m | {"priority_mean": jnp.float32(0), "sample_ok": ok}
+
+            return jax.lax.cond(i < n, step, lambda carry: (carry, zero_metrics), carry)
+
+        (state, key), metrics = jax.lax.scan(body, (state, key), jnp.arange(k))
+        return state, key, metrics
+
+    def one_update(state, rb, key, c, teacher_params):
+        key, sk, uk = jax.random.split(key, 3)
+        batch, ok = sample_prioritized(rb, sk)
+        state, m, td = update(state, batch, teacher_q_of(teacher_params, batch.obs, c.distill), c, uk)
+        rb = set_priorities(rb, batch.index, td)
+        return state, rb, key, m | {"priority_mean": jnp.mean((td + 1e-10) ** args.per_alpha), "sample_ok": ok}
+
+    def online_step(state, rb, key, frames, actions, rewards, terminated, truncated, next_frames, n_updates, sync, c: Coefs, teacher_params):
+        """Store one vector step, then run the n_updates (traced) updates due after it, each writing its samples'
+        new priorities before the next samples, and the target sync."""
+        rb = replay_add(rb, 0, frames, actions, rewards, terminated, truncated, next_frames, n_step=args.n_step)
+
+        def one(_, carry):
+            state, rb, key, _ = carry
+            return one_update(state, rb, key, c, teacher_params)
+
+        state, rb, key, metrics = jax.lax.fori_loop(0, n_updates, one, (state, rb, key, zero_metrics))
+        return sync_target(state, sync), rb, key, metrics
+
+    def update_teacher(state, batch, teacher_params, c, key):
+        return update(state, batch, teacher_q_of(teacher_params, batch.obs, c.distill), c, key)
+
+    return Learner(offline=offline, online=jax.jit(online_step, donate_argnums=(0, 1)),
+                   add=jax.jit(functools.partial(replay_add, n_step=args.n_step), donate_argnums=0, static_argnums=1),
+                   sample=jax.jit(sample_prioritized), update=jax.jit(update_teacher), set_priorities=jax.jit(set_priorities, donate_argnums=0))
+
+
+def learn_on_host_replay(learner: Learner, state, rb, key, transition, n_updates: int, sync: bool, c: Coefs, teacher_params, compute_device,
+                         alpha: float):
+    """`Learner.online` split for --replay-on-host: the buffer functions run where the buffer lives (the CPU), the
+    update on the accelerator; the same pure functions and PRNG keys, so the results are the same."""
+    rb = learner.add(rb, 0, *transition)
+    replay_device = rb.frames.devices().pop()
+    metrics = None
+    for _ in range(n_updates):
+        key, sk, uk = jax.random.split(key, 3)
+        batch, ok = learner.sample(rb, sk)
+        state, metrics, td = learner.update(state, jax.device_put(batch, compute_device), teacher_params, c, uk)
+        rb = learner.set_priorities(rb, batch.index, jax.device_put(td, replay_device))
+        metrics = metrics | {"priority_mean": jnp.mean((td + 1e-10) ** alpha), "sample_ok": ok}
+    return sync_target(state, jnp.bool_(sync)), rb, key, metrics
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: Dopamine's protocol
+# ----------------------------------------------------------------------------
+def evaluate(act, params, envs: tu.DopamineAtariEnvs, max_steps: int, epsilon: float, key, desc: str = "eval",
+             frames: list | None = None, max_episodes: int | None = None) -> tuple[list[float], list[int], int]:
+    """Raw-score returns and lengths of whole episodes, and the agent steps they took.
+
+    Dopamine's `_run_one_phase`: episodes are played whole until at least
+    `max_steps` agent steps have passed; the episodes in progress then finish
+    and every episode counts, however long. With several envs, an env starts a
+    new episode only while the budget lasts (and fewer than `max_episodes` have
+    started). `frames` (if a list) collects env 0's observations of its first episode.
     """
     obs, _ = envs.reset()
+    n = envs.num_envs
     returns, lengths = [], []
-    ep_ret = np.zeros(envs.num_envs)
-    ep_len = np.zeros(envs.num_envs, np.int64)
-    resetting = np.zeros(envs.num_envs, bool)
-    steps = 0
+    ep_ret, ep_len = np.zeros(n), np.zeros(n, np.int64)
+    active = np.ones(n, bool)  # the env's current episode counts
+    resetting = np.zeros(n, bool)  # this step is envpool's auto-reset after an episode end
+    steps, started = 0, n
     recording = frames is not None
     with tqdm(total=max_steps, desc=desc, leave=False, file=sys.stderr, mininterval=2.0) as bar:
-        while steps < max_steps and len(returns) < max_episodes:
+        while active.any():
             actions, _, key = act(params, obs, key, epsilon)
-            actions = np.asarray(actions)
-            obs, _, terminated, truncated, info = envs.step(actions)
-            live = ~resetting
+            obs, _, terminated, truncated, info = envs.step(np.asarray(actions))
+            if resetting.any():  # an env that just reset starts a new episode only while the budget lasts
+                budget_left = steps < max_steps and (max_episodes is None or started < max_episodes)
+                active &= ~resetting | budget_left
+                started += int((resetting & active).sum())
+            live = active & ~resetting
             ep_ret += np.where(live, info["reward"], 0.0)
             ep_len += live
+            steps += int(live.sum())
+            bar.update(int(live.sum()))
             if recording:
                 frames.append(obs[0, -1].copy())
             done = (terminated | truncated) & live
             for i in np.flatnonzero(done):
-                if len(returns) < max_episodes:
-                    returns.append(float(ep_ret[i]))
-                    lengths.append(int(ep_len[i]))
-                if i == 0:
-                    recording = False
-            ep_ret[done] = 0.0
-            ep_len[done] = 0
+                returns.append(float(ep_ret[i]))
+                lengths.append(int(ep_len[i]))
+                recording = recording and i != 0
+            ep_ret[done], ep_len[done] = 0.0, 0
             resetting = done
-            steps += envs.num_envs
-            bar.update(envs.num_envs)
+            if steps >= max_steps or (max_episodes is not None and started >= max_episodes):
+                active &= ~done  # no new episode after the budget
     return returns, lengths, steps
 
 
@@ -787,6 +957,35 @@ def save_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def teacher_q_for_rows(teacher: nn.Module, teacher_params, rb: Replay, stream: int, batch: int = 1024) -> Replay:
+    """The teacher's Q-values of every row's state of one stream, computed once in batches and cached in the buffer."""
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def fill(rb, start):
+        j = start + jnp.arange(batch)
+        q = teacher.apply(teacher_params, replay_stacks(rb, jnp.full(batch, stream), j))
+        r = jnp.where(j < rb.length[stream], _row(rb, jnp.full(batch, stream), j), rb.frames.shape[0])
+        return rb._replace(teacher_q=rb.teacher_q.at[r].set(q, mode="drop"))
+
+    length = int(rb.length[stream])
+    for start in tqdm(range(0, length, batch), desc="teacher Q of the replay", file=sys.stderr, mininterval=2.0):
+        rb = fill(rb, start)
+    return rb
+
+
+def memory_check(need: int, device, what: str) -> None:
+    """One clear error before any phase if the buffers cannot fit where they would live."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        where, fix = f"{device.device_kind} free memory", "pass a smaller --buffer-size/--teacher-steps or --replay-on-host"
+    else:
+        free = tu.available_host_memory()
+        where, fix = "available host memory", "pass a smaller --buffer-size/--teacher-steps (each 1M transitions is 6.6 GiB)"
+    if need > free:
+        raise ConfigError(f"{what} need {need / 2**30:.1f} GiB but the {where} is {free / 2**30:.1f} GiB; {fix}")
+
+
 # ----------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------
@@ -799,20 +998,40 @@ def main(args: Args) -> None:
 
     random.seed(args.seed)
     np.random.seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     key = jax.random.PRNGKey(args.seed)
-    key, student_key = jax.random.split(key)
+    key, student_key, offline_key, online_key = jax.random.split(key, 4)
+    compute_device = jax.devices()[0]
+    replay_device = jax.devices("cpu")[0] if args.replay_on_host else compute_device
 
-    envs = tu.make_teacher_envs(args.env_id, args.num_envs, seed=args.seed)
-    eval_envs = tu.make_teacher_envs(args.env_id, args.eval_num_envs, seed=args.seed + 10_000)
+    env_kwargs = dict(max_episode_steps=args.max_episode_steps)
+    envs = tu.make_teacher_envs(args.env_id, args.num_envs, seed=args.seed, **env_kwargs)
+    eval_envs = tu.make_teacher_envs(args.env_id, args.eval_num_envs, seed=args.seed + 10_000, **env_kwargs)
     num_actions = envs.num_actions
 
     # Teacher: raises a one-line TeacherError if unreachable, corrupt or of another game.
     source = args.teacher_checkpoint or f"gs://rl_checkpoints/DQN_400/{game}/1"
     teacher_ckpt = tu.load_teacher(source, num_actions=num_actions, iteration=args.teacher_iteration)
     teacher = tu.DopamineNatureDQN(num_actions)
-    teacher_params = jax.device_put(teacher_ckpt.params)
+    teacher_params = jax.device_put(teacher_ckpt.params, compute_device)
     print(f"teacher: {teacher_ckpt.kind} checkpoint {teacher_ckpt.path} (iteration {teacher_ckpt.iteration}, {num_actions} actions)")
+
+    # Replay sizes are checked before any work is spent.
+    offline = args.offline_steps > 0
+    dopamine = offline and args.teacher_data in ("dopamine-replay", "both")
+    rollout_steps = args.teacher_steps if offline and args.teacher_data in ("rollout", "both") else 0
+    rollout_rows = -(-(rollout_steps + 8 * args.num_envs) // args.num_envs) if rollout_steps else 0
+    dopamine_replay = None
+    if dopamine:
+        dopamine_replay = tu.load_dopamine_replay(source, iteration=teacher_ckpt.iteration,
+                                                  update_horizon=args.n_step, gamma=args.gamma)
+        print(f"teacher replay: {dopamine_replay.path} (iteration {dopamine_replay.iteration}, {dopamine_replay.capacity} rows, "
+              f"{len(dopamine_replay.valid_indices())} valid transitions for n = {args.n_step})")
+        if dopamine_replay.actions.max(initial=0) >= num_actions or dopamine_replay.actions.min(initial=0) < 0:
+            raise ConfigError(f"the teacher replay in {dopamine_replay.path} has actions up to {dopamine_replay.actions.max()} but {args.env_id} "
+                              f"has {num_actions}: it belongs to another game; pass that game's --env-id or --teacher-data rollout")
+    teacher_lengths = ([dopamine_replay.capacity] if dopamine else []) + [rollout_rows] * (args.num_envs if rollout_rows else 0)
+    online_lengths = [-(-args.buffer_size // args.num_envs)] * args.num_envs
+    memory_check(max(replay_bytes(teacher_lengths, num_actions), replay_bytes(online_lengths, 0, prioritized=True)), replay_device, "the replay buffers")
 
     if args.track:
         import wandb
@@ -821,37 +1040,36 @@ def main(args: Args) -> None:
                    name=run_name, save_code=True)
     from tensorboardX import SummaryWriter
 
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(f"runs/{run_name}", flush_secs=30)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    save_atomic(f"runs/{run_name}/args.json", json.dumps(dataclasses.asdict(args), indent=2).encode())
+    print(f"run folder: runs/{run_name}")
 
     support = make_support(args)
     student = make_student(args, num_actions)
     student_params = student.init(student_key, np.zeros((1, 4, 84, 84), np.uint8))
-    optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=args.learning_rate, eps=args.adam_eps)
-    state = QState.create(apply_fn=student.apply, params=student_params, target_params=student_params, tx=optimizer)
-    update = make_update(student, support, args.temperature, args.td_coef, args.double_dqn)
+    optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(args.learning_rate, np.float32),
+                                                     eps=args.adam_eps)  # a strong float32: a weak type would recompile the jitted steps once
+    # A separate target copy: the jitted steps donate the state, and one buffer cannot be donated twice.
+    state = jax.device_put(QState.create(apply_fn=student.apply, params=student_params, target_params=jax.tree.map(jnp.copy, student_params),
+                                         tx=optimizer), compute_device)
+    learner = make_learner(args, student, support, teacher, num_actions)
     # Training actions draw fresh noise (noisy nets); evaluations use the mean weights.
     act_student = make_act(lambda p, o, k: expected_q(student.apply(p, o, key=k), support))
     act_student_eval = make_act(lambda p, o, k: expected_q(student.apply(p, o), support))
     act_teacher = make_act(lambda p, o, k: teacher.apply(p, o))
-    teacher_q_values = jax.jit(teacher.apply)
-    no_teacher_q = np.zeros((args.batch_size, num_actions), np.float32)
 
-    def train_step(state, batch: Batch, distill_weight: float, lr: float, key):
-        # Teacher data carries the teacher's Q-values; online, the teacher is queried on the sampled states
-        # (only while its loss counts: lambda * c > 0).
-        if batch.teacher_q is not None:
-            teacher_q = batch.teacher_q
-        else:
-            teacher_q = teacher_q_values(teacher_params, batch.obs) if distill_weight > 0 else no_teacher_q[: len(batch.obs)]
-        return update(state, batch.obs, batch.actions, batch.returns, batch.discounts, batch.next_obs, teacher_q,
-                      batch.weights, jnp.float32(distill_weight), jnp.float32(lr), key)
+    def run_eval(params, desc, frames=None):
+        nonlocal key
+        key, k = jax.random.split(key)
+        return evaluate(act_student_eval, params, eval_envs, args.eval_steps, args.eval_epsilon, k, desc=desc, frames=frames,
+                        max_episodes=args.eval_episodes)
 
     # (a) Teacher evaluation -> G_T
     t0 = time.time()
     key, k = jax.random.split(key)
-    returns, lengths, steps = evaluate(act_teacher, teacher_params, eval_envs, args.teacher_eval_episodes, args.eval_steps,
-                                       args.eval_epsilon, k, desc="teacher eval")
+    returns, lengths, steps = evaluate(act_teacher, teacher_params, eval_envs, args.eval_steps, args.eval_epsilon, k,
+                                       desc="teacher eval", max_episodes=args.eval_episodes)
     teacher_return = float(np.mean(returns)) if returns else None
     for i, (r, l) in enumerate(zip(returns, lengths)):
         writer.add_scalar("teacher/episodic_return", r, i)
@@ -860,50 +1078,79 @@ def main(args: Args) -> None:
         writer.add_scalar("teacher/mean_return", teacher_return, 0)
     print(f"(a) {summary('teacher', returns, steps)}; random score {random_return:g} [{steps / (time.time() - t0):.0f} agent steps/s]")
 
-    # (b) Teacher roll-out -> teacher replay data (sampled uniformly offline)
-    teacher_rb = FrameReplayBuffer((args.teacher_steps if args.offline_steps > 0 else 1) + 8 * args.num_envs, args.num_envs, args.n_step, args.gamma,
-                                   teacher_q_dim=num_actions)
-    t0 = time.time()
-    obs, _ = envs.reset()
-    collected = 0
-    teacher_steps = args.teacher_steps if args.offline_steps > 0 else 0  # kickstarting / tabula rasa use no teacher data
-    with tqdm(total=teacher_steps, desc="teacher data", file=sys.stderr, mininterval=2.0) as bar:
-        while collected < teacher_steps:
-            actions, teacher_q, key = act_teacher(teacher_params, obs, key, args.teacher_epsilon)
-            actions, teacher_q = jax.device_get((actions, teacher_q))
-            next_obs, reward, terminated, truncated, info = envs.step(actions)
-            teacher_rb.add(obs[:, -1], actions, np.clip(reward, -1.0, 1.0), terminated, truncated, next_obs[:, -1], teacher_q)
-            obs = next_obs
-            collected += args.num_envs
-            bar.update(args.num_envs)
-    if not teacher_steps:
-        print("(b) teacher data: skipped (--offline-steps 0: no offline phase to use it)")
-    else:
-        print(f"(b) teacher data: {len(teacher_rb)} rows from {collected} agent steps, {teacher_rb.bytes_per_transition:.0f} bytes/transition "
-              f"[{collected / (time.time() - t0):.0f} agent steps/s]")
+    def teacher_normalized(student_return):
+        if student_return is None or teacher_return is None or teacher_return <= random_return:
+            return None
+        return tu.teacher_normalized_score(student_return, teacher_return, random_return)
 
-    # (c) Offline phase: teacher data only, uniform sampling, lambda = 1, lr = learning_rate
-    lam = 1.0
-    offline_target_every = max(args.target_network_frequency // args.train_frequency, 1)
+    # (b) Teacher data: the teacher's own Dopamine replay and/or roll-outs, with the teacher's Q-values cached
     t0 = time.time()
-    for step in tqdm(range(1, args.offline_steps + 1), desc="offline", file=sys.stderr, mininterval=2.0):
-        batch = teacher_rb.sample(args.batch_size, rng)
-        key, k = jax.random.split(key)
-        state, metrics, _ = train_step(state, batch, lam * args.distill_coef, args.learning_rate, k)
-        if step % offline_target_every == 0:
-            state = state.replace(target_params=state.params)
-        if step % args.log_frequency == 0 or step == args.offline_steps:
-            for name, value in jax.device_get(metrics).items():
-                writer.add_scalar(f"offline/{name}", float(value), step)
-            writer.add_scalar("offline/SPS", step / (time.time() - t0), step)
+    teacher_rb = None
+    if offline:
+        teacher_rb = make_replay(teacher_lengths, num_actions, replay_device)
+        if dopamine:
+            teacher_rb = replay_fill_from_dopamine(teacher_rb, dopamine_replay, 0)
+            teacher_rb = teacher_q_for_rows(teacher, jax.device_put(teacher_params, replay_device), teacher_rb, 0)
+            del dopamine_replay
+        obs, _ = envs.reset()
+        collected, pending, pending_q = 0, None, None
+        with tqdm(total=rollout_steps, desc="teacher data", file=sys.stderr, mininterval=2.0) as bar:
+            while collected < rollout_steps:
+                actions, teacher_q, key = act_teacher(teacher_params, jax.device_put(obs, compute_device), key, args.teacher_epsilon)
+                if pending is not None:  # stored while this step's actions are computed and the envs step
+                    teacher_rb = learner.add(teacher_rb, int(dopamine), *jax.device_put((*pending, obs[:, -1], pending_q), replay_device))
+                next_obs, reward, terminated, truncated, _ = envs.step(np.asarray(actions))
+                pending, pending_q = (obs[:, -1], np.asarray(actions), np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated), teacher_q
+                obs = next_obs
+                collected += args.num_envs
+                bar.update(args.num_envs)
+        if pending is not None:
+            teacher_rb = learner.add(teacher_rb, int(dopamine), *jax.device_put((*pending, obs[:, -1], pending_q), replay_device))
+        rows = int(jnp.minimum(teacher_rb.count, teacher_rb.length).sum())
+        print(f"(b) teacher data: {rows} rows ({'Dopamine replay' if dopamine else ''}{' + ' if dopamine and rollout_steps else ''}"
+              f"{f'{collected} roll-out agent steps' if rollout_steps else ''}), {replay_bytes(teacher_lengths, num_actions) / max(sum(teacher_lengths), 1):.0f} "
+              f"bytes/transition [{(collected or rows) / (time.time() - t0):.0f} {'agent steps' if rollout_steps else 'rows'}/s]")
+    else:
+        print("(b) teacher data: skipped (--offline-steps 0: no offline phase to use it)")
+
+    # (c) Offline phase: teacher data only, lambda = 1, lr = learning_rate; K updates per jitted call
+    lam = 1.0
+    offline_coefs = coefs(args.td_coef, lam * args.distill_coef, args.learning_rate)
+    step, t0, eval_seconds = 0, time.time(), 0.0
+    k_static = min(args.updates_per_call, max(args.offline_steps, 1))
+    with tqdm(total=args.offline_steps, desc="offline", file=sys.stderr, mininterval=2.0) as bar:
+        while step < args.offline_steps:
+            boundary = args.offline_steps
+            if args.offline_eval_frequency:
+                boundary = min(boundary, (step // args.offline_eval_frequency + 1) * args.offline_eval_frequency)
+            n = min(k_static, boundary - step)
+            state, offline_key, metrics = learner.offline(state, teacher_rb, offline_key, jnp.int32(step), k_static, jnp.int32(n), offline_coefs)
+            metrics = jax.device_get(metrics)
+            if not metrics["sample_ok"][:n].all():
+                raise ConfigError("the teacher data has too few valid transitions to sample a batch; collect more (--teacher-steps)")
+            for i in range(n):
+                if (step + i + 1) % args.log_frequency == 0 or step + i + 1 == args.offline_steps:
+                    for name in ("td_loss", "distill_loss", "loss", "q_values"):
+                        writer.add_scalar(f"offline/{name}", float(metrics[name][i]), step + i + 1)
+            step += n
+            bar.update(n)
+            writer.add_scalar("offline/SPS", step / (time.time() - t0 - eval_seconds), step)
+            if args.offline_eval_frequency and step % args.offline_eval_frequency == 0:
+                t_eval = time.time()
+                returns, _, steps = run_eval(state.params, "offline eval")
+                eval_seconds += time.time() - t_eval
+                if returns:
+                    writer.add_scalar("offline/eval_return", float(np.mean(returns)), step)
+                    if (tns := teacher_normalized(float(np.mean(returns)))) is not None:
+                        writer.add_scalar("offline/teacher_normalized_score", tns, step)
+                tqdm.write(f"(c) {summary(f'offline update {step}: student', returns, steps)}")
     if args.offline_steps:
-        print(f"(c) offline: {args.offline_steps} updates [{args.offline_steps / (time.time() - t0):.1f} updates/s]")
-        state = state.replace(target_params=state.params)
+        print(f"(c) offline: {args.offline_steps} updates [{args.offline_steps / (time.time() - t0 - eval_seconds):.1f} updates/s, evaluations excluded]")
+        state = sync_target(state, True)
     del teacher_rb  # the online phase uses the student's own replay
 
     # (d) Online phase: prioritized replay
-    rb = FrameReplayBuffer(args.buffer_size, args.num_envs, args.n_step, args.gamma, prioritized=True,
-                           alpha=args.per_alpha, beta=args.per_beta)
+    rb = make_replay(online_lengths, 0, replay_device, prioritized=True)
     lr = lambda_learning_rate(lam, args.learning_rate, args.end_learning_rate)
     obs, _ = envs.reset()
     ep_ret = np.zeros(args.num_envs)
@@ -912,15 +1159,61 @@ def main(args: Args) -> None:
     global_step, updates, update_credit = 0, 0, 0.0
     next_target_sync, next_eval = args.learning_starts + args.target_network_frequency, args.eval_frequency
     t0, eval_seconds = time.time(), 0.0
+    pending = None  # the last vector step: stored, and learned from, while the envs take the next one
+    metrics = None
+
+    def learn():
+        nonlocal state, rb, online_key, metrics, pending
+        transition, n_updates, sync, c = pending
+        pending = None
+        if args.replay_on_host:
+            state, rb, online_key, m = learn_on_host_replay(learner, state, rb, online_key, jax.device_put(transition, replay_device),
+                                                            n_updates, sync, c, teacher_params, compute_device, args.per_alpha)
+        else:
+            state, rb, online_key, m = learner.online(state, rb, online_key, *transition, jnp.int32(n_updates), jnp.bool_(sync), c, teacher_params)
+        if n_updates:
+            metrics = m
+
+    def online_eval(global_step: int, final: bool) -> float:
+        """Evaluate the student; after an iteration (not the final one) update lambda and lr. Returns its seconds."""
+        nonlocal lam, lr
+        frames = [] if (final and args.capture_video) else None
+        t_eval = time.time()
+        returns, _, steps = run_eval(state.params, "student eval", frames=frames)
+        student_return = float(np.mean(returns)) if returns else None
+        line = summary(f"online step {global_step}: student", returns, steps)
+        if student_return is not None:
+            writer.add_scalar("eval/episodic_return", student_return, global_step)
+            writer.add_scalar("charts/human_normalized_score", tu.human_normalized_score(game, student_return), global_step)
+            if (tns := teacher_normalized(student_return)) is not None:
+                writer.add_scalar("charts/teacher_normalized_score", tns, global_step)
+                line += f", teacher-normalized {tns:.3f}"
+        if not final:
+            lam, reason = distill_lambda_update(lam, student_return, teacher_return, random_return, global_step,
+                                                args.distill_decay_period, args.clip_lambda)
+            lr = lambda_learning_rate(lam, args.learning_rate, args.end_learning_rate)
+            line += f"; lambda = {lam:.3f}" + (f" ({reason})" if reason else "")
+        writer.add_scalar("charts/distill_coeff", lam * args.distill_coef, global_step)
+        writer.add_scalar("charts/learning_rate", lr, global_step)
+        tqdm.write(("(e) final " if final else "(d) ") + line)
+        if frames:
+            write_video(frames, f"runs/{run_name}/videos/final-eval.mp4")
+        return time.time() - t_eval
+
     bar = tqdm(total=args.total_timesteps, desc="online", file=sys.stderr, mininterval=2.0)
     while global_step < args.total_timesteps:
-        # Noisy nets explore by their noise: epsilon-greedy is off, as in Dopamine.
-        epsilon = 0.0 if args.noisy else linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, global_step)
-        actions, _, key = act_student(state.params, obs, key, epsilon)
+        # Epsilon counts the offline updates as training steps, as the reference's schedule does; noisy nets
+        # explore by their noise with epsilon = end_e (Dopamine 4.0.6's identity_epsilon).
+        epsilon = args.end_e if args.noisy else linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, global_step + args.offline_steps)
+        if pending is not None and not args.overlap_env:
+            learn()
+        actions, _, key = act_student(state.params, jax.device_put(obs, compute_device), key, epsilon)
+        if pending is not None:
+            learn()  # dispatched after the actions: the device learns while the envs step
         actions = np.asarray(actions)
         next_obs, reward, terminated, truncated, info = envs.step(actions)
-        rb.add(obs[:, -1], actions, np.clip(reward, -1.0, 1.0), terminated, truncated, next_obs[:, -1])
-        obs = next_obs
+        if global_step == 0:
+            writer.add_scalar("charts/epsilon", epsilon, 0)  # where the exploration schedule starts
         global_step += args.num_envs
         bar.update(args.num_envs)
 
@@ -933,70 +1226,48 @@ def main(args: Args) -> None:
             writer.add_scalar("charts/episodic_length", ep_len[i], global_step)
         ep_ret[done], ep_len[done], resetting = 0.0, 0, done
 
-        if global_step >= args.distill_decay_period and lam > 0.0:
-            lam, _ = distill_lambda_update(lam, None, None, random_return, global_step, args.distill_decay_period)
-            lr = lambda_learning_rate(lam, args.learning_rate, args.end_learning_rate)
-            print(f"online step {global_step}: distillation decay period over, lambda = 0 for good")
-
+        # One update per train_frequency agent steps in total, whatever num_envs is.
+        n_updates, sync = 0, False
         if global_step > args.learning_starts:
-            # One update per train_frequency agent steps in total, whatever num_envs is.
             update_credit += args.num_envs / args.train_frequency
-            while update_credit >= 1.0:
-                update_credit -= 1.0
-                batch = rb.sample(args.batch_size, rng)
-                key, k = jax.random.split(key)
-                state, metrics, td = train_step(state, batch, lam * args.distill_coef, lr, k)
-                priorities = rb.update_priorities(batch.env_idx, batch.row_idx, np.asarray(td))
-                updates += 1
-                if updates % args.log_frequency == 0:
-                    for name, value in jax.device_get(metrics).items():
-                        writer.add_scalar(f"losses/{name}", float(value), global_step)
-                    writer.add_scalar("losses/priority_mean", float(priorities.mean()), global_step)
-                    writer.add_scalar("charts/SPS", int(global_step / (time.time() - t0)), global_step)
-                    writer.add_scalar("charts/epsilon", epsilon, global_step)
-                    writer.add_scalar("charts/distill_coeff", lam * args.distill_coef, global_step)
-                    writer.add_scalar("charts/learning_rate", lr, global_step)
+            n_updates = int(update_credit)
+            update_credit -= n_updates
             if global_step >= next_target_sync:
-                state = state.replace(target_params=state.params)
+                sync = True
                 next_target_sync += args.target_network_frequency
-
-        if global_step >= next_eval or global_step >= args.total_timesteps:
-            next_eval += args.eval_frequency
-            final = global_step >= args.total_timesteps
-            frames = [] if (final and args.capture_video) else None
-            key, k = jax.random.split(key)
-            t_eval = time.time()
-            returns, _, steps = evaluate(act_student_eval, state.params, eval_envs, args.eval_episodes, args.eval_steps,
-                                         args.eval_epsilon, k, desc="student eval", frames=frames)
-            eval_seconds += time.time() - t_eval
-            student_return = float(np.mean(returns)) if returns else None
-            line = summary(f"online step {global_step}: student", returns, steps)
-            if student_return is not None:
-                writer.add_scalar("eval/episodic_return", student_return, global_step)
-                writer.add_scalar("charts/human_normalized_score", tu.human_normalized_score(game, student_return), global_step)
-                if teacher_return is not None and teacher_return > random_return:
-                    tns = tu.teacher_normalized_score(student_return, teacher_return, random_return)
-                    writer.add_scalar("charts/teacher_normalized_score", tns, global_step)
-                    line += f", teacher-normalized {tns:.3f}"
-            if not final:
-                lam, reason = distill_lambda_update(lam, student_return, teacher_return, random_return, global_step, args.distill_decay_period)
-                lr = lambda_learning_rate(lam, args.learning_rate, args.end_learning_rate)
-                line += f"; lambda = {lam:.3f}" + (f" ({reason})" if reason else "")
+        transition = (obs[:, -1], actions, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated, next_obs[:, -1])
+        pending = (transition, n_updates, sync, coefs(args.td_coef, lam * args.distill_coef, lr))
+        obs = next_obs
+        if updates // args.log_frequency != (updates + n_updates) // args.log_frequency:
+            learn()  # the log needs this step's metrics
+            m = jax.device_get(metrics)
+            if not m.pop("sample_ok"):
+                raise ConfigError("the online replay has too few valid transitions to sample a batch; raise --learning-starts")
+            for name, value in m.items():
+                writer.add_scalar(f"losses/{name}", float(value), global_step)
+            writer.add_scalar("charts/SPS", int(global_step / (time.time() - t0 - eval_seconds)), global_step)
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
             writer.add_scalar("charts/distill_coeff", lam * args.distill_coef, global_step)
             writer.add_scalar("charts/learning_rate", lr, global_step)
-            tqdm.write(("(e) final " if final else "(d) ") + line)
-            if frames:
-                write_video(frames, f"runs/{run_name}/videos/final-eval.mp4")
+        updates += n_updates
+
+        if global_step >= next_eval and global_step < args.total_timesteps:
+            next_eval += args.eval_frequency
+            if pending is not None:
+                learn()
+            eval_seconds += online_eval(global_step, final=False)
     bar.close()
+    if pending is not None:
+        learn()
     train_seconds = time.time() - t0 - eval_seconds
     print(f"(d) online: {global_step} agent steps, {updates} updates [{global_step / train_seconds:.1f} agent steps/s, evaluations excluded]")
+    online_eval(global_step, final=True)
 
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
         save_atomic(model_path, flax.serialization.to_bytes(state.params))
-        save_atomic(f"runs/{run_name}/args.json", json.dumps(dataclasses.asdict(args), indent=2).encode())
         # Expected Q-values (noise-free) of the saved params on a few states, to check a reload against.
-        probe_obs = rb.sample(min(8, args.batch_size), rng).obs
+        probe_obs = np.asarray(learner.sample(rb, jax.random.PRNGKey(0))[0].obs[:8])
         with open(f"runs/{run_name}/q_probe.npz", "wb") as f:
             np.savez(f, obs=probe_obs, q=np.asarray(expected_q(student.apply(state.params, probe_obs), support)))
         print(f"model saved to {model_path}")
@@ -1010,7 +1281,7 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    cli_args = tyro.cli(Args)
+    cli_args = tu.parse_args(Args)
     try:
         main(cli_args)
     except (tu.TeacherError, ConfigError) as e:

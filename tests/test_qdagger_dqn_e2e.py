@@ -1,5 +1,6 @@
 """qdagger_dqn_atari_jax.py end to end on real envpool Breakout-v5, its error
-lines, and a check that offline distillation actually distils."""
+lines, the paper's protocol (teacher replay, epsilon, evaluation), and a check
+that offline distillation actually distils."""
 
 import json
 import subprocess
@@ -19,12 +20,13 @@ import teacher_utils as tu
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "qdagger_dqn_atari_jax.py"
-TINY = ["--teacher-eval-episodes", "1", "--eval-episodes", "1", "--eval-steps", "600", "--teacher-steps", "256",
-        "--offline-steps", "64", "--total-timesteps", "512", "--learning-starts", "128", "--buffer-size", "1024",
-        "--batch-size", "8", "--eval-frequency", "256", "--log-frequency", "8", "--eval-num-envs", "4"]
+# Episodes capped at 100 steps so every evaluation finishes episodes quickly (the fixture teacher never FIREs).
+TINY = ["--eval-steps", "200", "--max-episode-steps", "100", "--teacher-steps", "256", "--offline-steps", "64",
+        "--updates-per-call", "16", "--offline-eval-frequency", "32", "--total-timesteps", "512", "--learning-starts", "128",
+        "--buffer-size", "1024", "--batch-size", "8", "--eval-frequency", "256", "--log-frequency", "8", "--eval-num-envs", "2"]
 
 
-def run_script(cwd, *flags, env=None, timeout=300):
+def run_script(cwd, *flags, env=None, timeout=400):
     return subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -34,10 +36,15 @@ def read_events(run_dir: Path) -> EventAccumulator:
     return acc
 
 
+def scalars(acc, tag):
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
 @pytest.fixture(scope="module")
 def e2e_run(tmp_path_factory, fixture_copy):
     cwd = tmp_path_factory.mktemp("dqn_e2e")
-    r = run_script(cwd, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--num-envs", "2", "--save-model", *TINY)
+    # epsilon decays over 50 training steps, fewer than the 64 offline updates that count toward it (as 50k < 1M in the paper)
+    r = run_script(cwd, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--num-envs", "2", "--save-model", "--epsilon-decay-steps", "50", *TINY)
     assert r.returncode == 0, r.stderr[-3000:]
     (run_dir,) = (cwd / "runs").iterdir()
     return r, run_dir
@@ -47,38 +54,41 @@ def test_e2e_logs_every_phase(e2e_run):
     r, run_dir = e2e_run
     acc = read_events(run_dir)
     tags = set(acc.Tags()["scalars"])
-    offline = {"offline/td_loss", "offline/distill_loss", "offline/loss", "offline/q_values", "offline/SPS"}
+    offline = {"offline/td_loss", "offline/distill_loss", "offline/loss", "offline/q_values", "offline/SPS", "offline/eval_return"}
     online = {"losses/td_loss", "losses/distill_loss", "losses/loss", "losses/q_values", "charts/SPS", "charts/epsilon",
-              "charts/distill_coeff", "charts/learning_rate"}
+              "charts/distill_coeff", "charts/learning_rate", "eval/episodic_return", "teacher/mean_return"}
     assert offline <= tags and online <= tags, sorted(tags)
-    assert {"teacher/episodic_return", "teacher/episodic_length"} <= tags or "teacher: no episode finished" in r.stdout
 
-    # Offline steps are gradient steps 8, 16, ..., 64; online steps are agent steps beyond learning_starts.
-    assert [e.step for e in acc.Scalars("offline/loss")] == list(range(8, 65, 8))
-    online_steps = [e.step for e in acc.Scalars("losses/loss")]
+    # Offline steps are gradient steps 8, 16, ..., 64; evaluated every 32 offline updates.
+    assert [st for st, _ in scalars(acc, "offline/loss")] == list(range(8, 65, 8))
+    assert [st for st, _ in scalars(acc, "offline/eval_return")] == [32, 64]
+    online_steps = [st for st, _ in scalars(acc, "losses/loss")]
     assert online_steps and min(online_steps) > 128 and max(online_steps) <= 512
     # 2 envs, one update per 4 agent steps after 128: (512 - 128) / 4 = 96 updates, logged every 8.
     assert len(online_steps) == 96 // 8
     for tag in ("losses/distill_loss", "offline/distill_loss"):
-        assert all(e.value >= 0 for e in acc.Scalars(tag))
-    coeffs = [e.value for e in acc.Scalars("charts/distill_coeff")]
-    assert all(0.0 <= c <= 3.0 for c in coeffs) and coeffs[0] == pytest.approx(3.0)
-    lrs = [e.value for e in acc.Scalars("charts/learning_rate")]
-    assert all(1e-5 - 1e-12 <= lr <= 1e-4 + 1e-12 for lr in lrs)
-    eps = [e.value for e in acc.Scalars("charts/epsilon")]
-    assert eps == sorted(eps, reverse=True) and 0.01 <= eps[-1] <= 1.0
-    texts = acc.Tags()["tensors"]
-    assert any("hyperparameters" in t for t in texts)
-    # Every evaluation is reported: either a return is logged or the log line says why not.
-    evals = tags & {"eval/episodic_return"}
-    assert evals or "no episode finished" in r.stdout
-    assert "(a) teacher" in r.stdout and "(b) teacher data" in r.stdout and "(c) offline" in r.stdout and "(d) online" in r.stdout
+        assert all(v >= 0 for _, v in scalars(acc, tag))
+    coeffs = [v for _, v in scalars(acc, "charts/distill_coeff")]
+    assert coeffs[0] == pytest.approx(3.0)
+    # The fixture teacher scores 0 < G_R = 1.7 on Breakout, so lambda keeps its value and says why.
+    assert "lambda keeps its value" in r.stdout and all(c == pytest.approx(3.0) for c in coeffs)
+    # After an offline phase the official epsilon is end_e from the very first online step.
+    eps = scalars(acc, "charts/epsilon")
+    assert eps[0] == (0, pytest.approx(0.01)) and all(v == pytest.approx(0.01) for _, v in eps)
+    assert any("hyperparameters" in t for t in acc.Tags()["tensors"])
+    # Evaluations at the iteration boundaries: whole 100-step episodes, every started episode counted.
+    assert [st for st, _ in scalars(acc, "eval/episodic_return")] == [256, 512]
+    assert "over 2 episodes (200 agent steps)" in r.stdout
+    # The phase lines in the order the phases happen; the run folder named at the start.
+    order = [r.stdout.index(s) for s in ("run folder: runs/", "(a) teacher", "(b) teacher data", "(c) offline:", "(d) online:", "(e) final")]
+    assert order == sorted(order)
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["env_id"] == "Breakout-v5" and args["offline_steps"] == 64
 
 
 def test_saved_model_reloads_with_the_same_q_values(e2e_run):
     _, run_dir = e2e_run
     args = json.loads((run_dir / "args.json").read_text())
-    assert args["env_id"] == "Breakout-v5" and args["network"] == "nature" and args["offline_steps"] == 64
     (model,) = run_dir.glob("*.cleanrl_model")
     net = q.make_student(args["network"], 4)
     template = net.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
@@ -88,6 +98,46 @@ def test_saved_model_reloads_with_the_same_q_values(e2e_run):
     # It is the trained student, not the initialisation.
     assert not np.allclose(params["params"]["Dense_1"]["kernel"], template["params"]["Dense_1"]["kernel"])
     assert not list(run_dir.glob("*.tmp"))
+
+
+def test_dopamine_replay_as_teacher_data(tmp_path, teacher_with_replay):
+    """--teacher-data dopamine-replay: the offline phase trains on the teacher's own Dopamine replay (the
+    official main setting); `both` appends roll-outs; a checkpoint without replay files says what to do."""
+    flags = ["--teacher-checkpoint", str(teacher_with_replay), "--teacher-data", "dopamine-replay", *TINY]
+    r = run_script(tmp_path, *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "teacher replay: " in r.stdout and "240 rows" in r.stdout and "(b) teacher data: 240 rows (Dopamine replay)" in r.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    acc = read_events(run_dir)
+    assert [st for st, _ in scalars(acc, "offline/loss")] == list(range(8, 65, 8))
+
+    both = tmp_path / "both"
+    both.mkdir()
+    r = run_script(both, *flags[:3], "both", *TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(Dopamine replay + 256 roll-out agent steps)" in r.stdout
+
+
+def test_dopamine_replay_missing_gives_one_error_line(tmp_path, fixture_copy):
+    r = run_script(tmp_path, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--teacher-data", "dopamine-replay", *TINY, timeout=120)
+    assert r.returncode == 1
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert "--teacher-data rollout" in line and "Traceback" not in r.stderr
+
+
+def test_no_offline_phase_explores_from_epsilon_one(tmp_path, fixture_copy):
+    """Without an offline phase epsilon starts at 1 and decays over epsilon_decay_steps; no teacher data is collected."""
+    flags = ["--teacher-checkpoint", str(fixture_copy("teacher_tf")), *TINY, "--offline-steps", "0", "--epsilon-decay-steps", "1000"]
+    r = run_script(tmp_path, *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(b) teacher data: skipped" in r.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    acc = read_events(run_dir)
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith("offline/")]
+    eps = scalars(acc, "charts/epsilon")
+    assert eps[0] == (0, 1.0)
+    for step, value in eps[1:]:  # linear: 1 - 0.99 * (step - 1) / 1000, for the step's actions
+        assert 0.01 < value < 1.0
 
 
 def test_impala_student_and_wandb_offline(tmp_path, fixture_copy):
@@ -114,6 +164,7 @@ def test_impala_student_and_wandb_offline(tmp_path, fixture_copy):
         (["--env-id", "Pong-v5"], "the teacher has 4 actions but the environment has 6"),
         (["--teacher-checkpoint", "/nonexistent/teacher"], "does not exist"),
         (["--buffer-size", "100"], "--buffer-size 100 is smaller than what the online phase needs"),
+        (["--buffer-size", "100000000"], "GiB but the available host memory is"),
         (["--total-timesteps", "0"], "--total-timesteps must be > 0"),
         (["--offline-steps", "-1"], "--offline-steps must be >= 0"),
         (["--temperature", "0"], "--temperature must be > 0"),
@@ -136,37 +187,48 @@ def test_unreachable_bucket_says_how_to_pass_a_local_path(tmp_path):
     assert "cannot reach the teacher bucket" in line and "--teacher-checkpoint" in line
 
 
+# ----------------------------------------------------------------------------
+# In-process: the protocol's pieces on real envpool, and the jitted hot paths
+# ----------------------------------------------------------------------------
+def collect_random_play(params, num_envs=4, steps=400, capacity=2048, seed=0, teacher_q=False, **env_kwargs):
+    teacher = tu.DopamineNatureDQN(4)
+    envs = tu.make_teacher_envs("Breakout-v5", num_envs, seed=seed, **env_kwargs)
+    act = q.make_act(teacher)
+    rows = -(-capacity // num_envs)
+    rb = q.make_replay([rows] * num_envs, 4 if teacher_q else 0)
+    add = jax.jit(q.replay_add, static_argnums=1)
+    obs, _ = envs.reset()
+    key = jax.random.PRNGKey(seed)
+    for _ in range(steps):
+        key, k = jax.random.split(key)
+        actions, tq, _ = jax.device_get(act(params, obs, k, 0.5 if teacher_q else 1.0))
+        nxt, reward, term, trunc, _ = envs.step(actions)
+        rb = add(rb, 0, obs[:, -1], actions, np.clip(reward, -1, 1).astype(np.float32), term, trunc, nxt[:, -1], *([tq] if teacher_q else []))
+        obs = nxt
+    envs.close()
+    return rb, rows
+
+
 def test_offline_distillation_matches_the_teacher(fixture_copy):
     """A few hundred distillation-only updates on fixed teacher data lower the
     KL strongly and make the student pick the teacher's action far above chance."""
     teacher = tu.DopamineNatureDQN(4)
     teacher_params = tu.load_teacher(fixture_copy("teacher_tf"), num_actions=4).params
-    envs = tu.make_teacher_envs("Breakout-v5", 4, seed=0)
-    act = q.make_act(teacher)
-    rb = q.FrameReplayBuffer(2048, 4, n_step=3, gamma=0.99)
-    obs, _ = envs.reset()
-    key = jax.random.PRNGKey(0)
-    for _ in range(400):  # 1,600 transitions of random play, for state diversity
-        key, k = jax.random.split(key)
-        actions = np.asarray(act(teacher_params, obs, k, 1.0)[0])
-        nxt, reward, term, trunc, _ = envs.step(actions)
-        rb.add(obs[:, -1], actions, np.clip(reward, -1, 1), term, trunc, nxt[:, -1])
-        obs = nxt
-    envs.close()
+    rb, _ = collect_random_play(teacher_params)  # 1,600 transitions of random play, for state diversity
+    sample = jax.jit(lambda rb, k, b: q.replay_sample(rb, k, b, 3, 0.99)[0], static_argnums=2)
 
     # The fixture's random weights prefer one action on ~99% of Breakout frames, which
     # would make agreement trivial: sharpen and recentre the head so the greedy action varies.
     head = teacher_params["params"]["Dense_1"]
     head["kernel"], head["bias"] = head["kernel"] * 20, head["bias"] * 20
-    head["bias"] = head["bias"] - np.median(np.asarray(teacher.apply(teacher_params, rb.sample(1024, np.random.default_rng(5)).obs)), axis=0)
+    head["bias"] = head["bias"] - np.median(np.asarray(teacher.apply(teacher_params, sample(rb, jax.random.PRNGKey(5), 1024).obs)), axis=0)
 
     student = q.make_student("nature", 4)
     params = student.init(jax.random.PRNGKey(1), np.zeros((1, 4, 84, 84), np.uint8))
     state = q.QState.create(apply_fn=student.apply, params=params, target_params=params,
                             tx=optax.inject_hyperparams(optax.adam)(learning_rate=1e-4, eps=1.5e-4))
-    update = q.make_update(student, temperature=0.1, td_weight=0.0)
-    rng = np.random.default_rng(0)
-    held_out = rb.sample(256, np.random.default_rng(123))
+    update = jax.jit(q.make_update(student, temperature=0.1))
+    held_out = sample(rb, jax.random.PRNGKey(123), 256)
     teacher_q = teacher.apply(teacher_params, held_out.obs)
     teacher_action = np.asarray(jnp.argmax(teacher_q, -1))
     majority = np.bincount(teacher_action, minlength=4).max() / len(teacher_action)
@@ -178,10 +240,10 @@ def test_offline_distillation_matches_the_teacher(fixture_copy):
         return kl, float(np.mean(np.asarray(jnp.argmax(student_q, -1)) == teacher_action))
 
     kl0, agree0 = measure(state.params)
-    for _ in range(400):
-        b = rb.sample(32, rng)
-        state, metrics = update(state, b.obs, b.actions, b.returns, b.discounts, b.next_obs,
-                                teacher.apply(teacher_params, b.obs), jnp.float32(1.0), jnp.float32(1e-4))
+    c = q.coefs(0.0, 1.0, 1e-4)  # distillation only
+    for i in range(400):
+        b = sample(rb, jax.random.PRNGKey(1000 + i), 32)
+        state, metrics = update(state, b, teacher.apply(teacher_params, b.obs), c)
     kl1, agree1 = measure(state.params)
     assert kl1 < 0.5 * kl0, (kl0, kl1)  # measured: 1.35 -> 0.48
     assert agree1 > majority + 0.2 and agree1 > agree0 + 0.3, (majority, agree0, agree1)  # measured: 0.22 -> 0.77, majority 0.39
@@ -194,33 +256,117 @@ def test_rebuilt_stacks_equal_envpool_observations(fixture_copy):
     starts and truncation handling reproduce exactly what the env showed."""
     teacher = tu.DopamineNatureDQN(4)
     params = tu.load_teacher_params(fixture_copy("teacher_tf"), num_actions=4)
-    envs = tu.make_teacher_envs("Breakout-v5", 2, seed=3, max_episode_steps=40)  # many truncations
-    act = q.make_act(teacher)
-    rb = q.FrameReplayBuffer(300, 2, n_step=3, gamma=0.99, teacher_q_dim=4)  # wraps around
-    obs, _ = envs.reset()
-    key = jax.random.PRNGKey(0)
-    for _ in range(250):
-        key, k = jax.random.split(key)
-        actions, teacher_q, _ = jax.device_get(act(params, obs, k, 0.5))
-        nxt, reward, term, trunc, _ = envs.step(actions)
-        rb.add(obs[:, -1], actions, np.clip(reward, -1, 1), term, trunc, nxt[:, -1], teacher_q)
-        obs = nxt
+    rb, rows = collect_random_play(params, num_envs=2, steps=250, capacity=300, seed=3, teacher_q=True, max_episode_steps=40)
+    assert int(rb.count.min()) > rows  # wrapped
+    batch, ok = q.replay_sample(rb, jax.random.PRNGKey(0), 256, 3, 0.99)
+    assert bool(ok)
+    assert (np.asarray(batch.obs)[:, 0] == 0).all(axis=(1, 2)).any()  # some samples sit at an episode start
+    np.testing.assert_allclose(np.asarray(teacher.apply(params, batch.obs)), np.asarray(batch.teacher_q), atol=1e-5)
+
+
+def test_evaluation_counts_an_episode_that_straddles_the_budget():
+    """Dopamine's protocol: the episode in progress when the budget runs out is played to its end and counted;
+    the previous protocol (stop at the budget, drop unfinished episodes) would have lost the second episode."""
+    envs = tu.make_teacher_envs("Breakout-v5", 1, seed=0, max_episode_steps=100)
+    noop = jax.jit(lambda p, o, k, e: (jnp.zeros(o.shape[0], jnp.int32), jnp.zeros((o.shape[0], 4)), k))
+    returns, lengths, steps = q.evaluate(noop, None, envs, 150, 0.0, jax.random.PRNGKey(0))
+    assert lengths == [100, 100] and steps == 200
+    # Several envs: every episode started before the budget is counted, none after it starts.
+    envs4 = tu.make_teacher_envs("Breakout-v5", 4, seed=0, max_episode_steps=30)
+    returns, lengths, steps = q.evaluate(noop, None, envs4, 130, 0.0, jax.random.PRNGKey(0))
+    assert lengths == [30] * 8 and steps == 240  # 4 at 30 steps (120 < 130), 4 more, then the budget is spent
     envs.close()
-    assert rb.count.min() > rb.rows  # wrapped
-    batch = rb.sample(256, np.random.default_rng(0))
-    assert (batch.obs[:, 0] == 0).all(axis=(1, 2)).any()  # some samples sit at an episode start
-    np.testing.assert_allclose(np.asarray(teacher.apply(params, batch.obs)), batch.teacher_q, atol=1e-5)
-    assert rb.bytes_per_transition <= 7200
+    envs4.close()
 
 
-def test_tabula_rasa_baseline_skips_teacher_data_and_distillation(tmp_path, fixture_copy):
-    flags = ["--teacher-checkpoint", str(fixture_copy("teacher_tf")), *TINY, "--offline-steps", "0", "--distill-coef", "0"]
-    flags[flags.index("--total-timesteps") + 1] = "256"
-    r = run_script(tmp_path, *flags)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "(b) teacher data: skipped" in r.stdout
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    acc = read_events(run_dir)
-    assert not [t for t in acc.Tags()["scalars"] if t.startswith("offline/")]
-    assert [e.value for e in acc.Scalars("losses/distill_loss")] == [0.0] * len(acc.Scalars("losses/distill_loss"))
-    assert all(e.value == 0.0 for e in acc.Scalars("charts/distill_coeff"))
+def _tiny_learner(**overrides):
+    args = q.Args(batch_size=8, n_step=3, **overrides)
+    student = q.make_student("nature", 4)
+    params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=1.5e-4)
+    state = q.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
+    return args, student, state, q.make_learner(args, student, tu.DopamineNatureDQN(4), 4)
+
+
+def _teacher_buffer(seed=0, steps=60, num_envs=2):
+    rng = np.random.default_rng(seed)
+    rb = q.make_replay([steps + 8] * num_envs, 4)
+    for t in range(steps):
+        end = rng.random(num_envs) < 0.05
+        rb = q.replay_add(rb, 0, rng.integers(0, 256, (num_envs, 84, 84), np.uint8), rng.integers(0, 4, num_envs),
+                          rng.uniform(-1, 1, num_envs).astype(np.float32), end, np.zeros(num_envs, bool),
+                          rng.integers(0, 256, (num_envs, 84, 84), np.uint8), rng.normal(size=(num_envs, 4)).astype(np.float32))
+    return rb
+
+
+def test_fused_offline_updates_equal_single_updates():
+    """K updates in one lax.scan equal K calls of one update (same keys, same target syncs), including a
+    partial last call (n < K) and a target sync inside the fused block."""
+    args, _, state0, learner = _tiny_learner(target_network_frequency=12, train_frequency=4)  # sync every 3 updates
+    trb = _teacher_buffer()
+    c = q.coefs(1.0, 3.0, 1e-4)
+    fused, key = jax.tree.map(jnp.copy, state0), jax.random.PRNGKey(7)
+    fused, key, m_fused = learner.offline(fused, trb, key, jnp.int32(0), 5, jnp.int32(5), c)
+    fused, key, m2 = learner.offline(fused, trb, key, jnp.int32(5), 5, jnp.int32(2), c)  # partial: 2 of 5 run
+    single, key1 = jax.tree.map(jnp.copy, state0), jax.random.PRNGKey(7)
+    losses = []
+    for step in range(7):
+        single, key1, m = learner.offline(single, trb, key1, jnp.int32(step), 1, jnp.int32(1), c)
+        losses.append(float(m["loss"][0]))
+    np.testing.assert_allclose(np.r_[np.asarray(m_fused["loss"]), np.asarray(m2["loss"])[:2]], losses, rtol=2e-5)
+    assert np.all(np.asarray(m2["loss"])[2:] == 0)  # the skipped updates did nothing
+    for a, b in zip(jax.tree.leaves((fused.params, fused.target_params, fused.opt_state)),
+                    jax.tree.leaves((single.params, single.target_params, single.opt_state))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
+    assert not np.allclose(np.asarray(fused.target_params["params"]["Dense_1"]["kernel"]), np.asarray(state0.params["params"]["Dense_1"]["kernel"]))
+
+
+def test_no_recompilation_after_warm_up():
+    """lambda, lr, epsilon, the number of updates per call and the sync flag are traced: changing them
+    between calls never compiles the hot paths again."""
+    args, student, state, learner = _tiny_learner()
+    trb = _teacher_buffer()
+    rb = q.make_replay([64, 64], 0)
+    teacher_params = tu.DopamineNatureDQN(4).init(jax.random.PRNGKey(3), np.zeros((1, 4, 84, 84), np.uint8))
+    act = q.make_act(student)
+    rng = np.random.default_rng(0)
+
+    def online(state, rb, key, i, n_updates, sync, c):
+        t = (rng.integers(0, 256, (2, 84, 84), np.uint8), rng.integers(0, 4, 2), np.zeros(2, np.float32),
+             np.array([i % 9 == 8, False]), np.zeros(2, bool), rng.integers(0, 256, (2, 84, 84), np.uint8))
+        return learner.online(state, rb, key, *t, jnp.int32(n_updates), jnp.bool_(sync), c, teacher_params)
+
+    key = jax.random.PRNGKey(0)
+    obs = rng.integers(0, 256, (2, 4, 84, 84), np.uint8)
+    for i in range(30):  # warm-up: fill the buffer
+        state, rb, key, _ = online(state, rb, key, i, 0, False, q.coefs(1.0, 3.0, 1e-4))
+    state, key, _ = learner.offline(state, trb, key, jnp.int32(0), 4, jnp.int32(4), q.coefs(1.0, 3.0, 1e-4))
+    act(state.params, obs, key, 1.0)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *_, **__: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    for i in range(30, 45):
+        lam = 1.0 - i / 50
+        c = q.coefs(1.0, 3.0 * lam, q.lambda_learning_rate(lam, 1e-4, 1e-5))
+        state, rb, key, _ = online(state, rb, key, i, i % 3, i % 4 == 0, c)
+        state, key, _ = learner.offline(state, trb, key, jnp.int32(i), 4, jnp.int32(i % 4 + 1), c)
+        act(state.params, obs, key, q.linear_schedule(1.0, 0.01, 50, i))
+    assert compiles == []  # XLA compiled nothing after the warm-up
+
+
+def test_replay_on_host_path_equals_the_fused_online_step():
+    """--replay-on-host composes the same pure functions from separate jitted pieces: same state and buffer."""
+    args, student, state0, learner = _tiny_learner()
+    teacher_params = tu.DopamineNatureDQN(4).init(jax.random.PRNGKey(3), np.zeros((1, 4, 84, 84), np.uint8))
+    rng = np.random.default_rng(1)
+    steps = [(rng.integers(0, 256, (2, 84, 84), np.uint8), rng.integers(0, 4, 2).astype(np.int32), rng.uniform(-1, 1, 2).astype(np.float32),
+              np.array([t % 11 == 10, False]), np.array([False, t % 13 == 12]), rng.integers(0, 256, (2, 84, 84), np.uint8)) for t in range(40)]
+    c = q.coefs(1.0, 3.0, 1e-4)
+    a_state, a_rb, a_key = jax.tree.map(jnp.copy, state0), q.make_replay([64, 64], 0), jax.random.PRNGKey(2)
+    b_state, b_rb, b_key = jax.tree.map(jnp.copy, state0), q.make_replay([64, 64], 0), jax.random.PRNGKey(2)
+    for t, tr in enumerate(steps):
+        n, sync = (2 if t >= 20 else 0), t == 30
+        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, a_key, *tr, jnp.int32(n), jnp.bool_(sync), c, teacher_params)
+        b_state, b_rb, b_key, _ = q.learn_on_host_replay(learner, b_state, b_rb, b_key, tr, n, sync, c, teacher_params, jax.devices()[0])
+    for a, b in zip(jax.tree.leaves((a_state.params, a_state.target_params, a_rb)), jax.tree.leaves((b_state.params, b_state.target_params, b_rb))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)

@@ -2,7 +2,8 @@
 schedules, the frame replay buffer, the networks and the flag checks.
 
 Expected values are computed here by hand / with plain numpy, independently of
-the script's code. The replay tests drive FrameReplayBuffer with synthetic
+the script's code. The replay tests drive the device replay (through
+tests/replay_adapter.py) with synthetic
 frames that encode (env, episode, step) in their pixels, through an
 envpool-style simulator (auto-reset: the step after an episode end returns the
 reset observation and is skipped by the buffer), and check every sampled
@@ -20,6 +21,7 @@ import pytest
 
 import qdagger_dqn_atari_jax as q
 import teacher_utils as tu
+from replay_adapter import DeviceReplay
 
 N_STEP = 3
 
@@ -196,21 +198,28 @@ def test_lambda_learning_rate():
 
 
 def test_distill_lambda_update_normal_cases():
-    """lambda = 1 - (G_S - G_R) / (G_T - G_R) clipped to [0, 1], with G_T = 100, G_R = 10."""
-    upd = lambda lam, gs: q.distill_lambda_update(lam, gs, 100.0, 10.0, 250_000, 1_500_000)
+    """lambda = max(1 - (G_S - G_R) / (G_T - G_R), 0) as the reference's record_score, with G_T = 100, G_R = 10."""
+    upd = lambda lam, gs, clip=False: q.distill_lambda_update(lam, gs, 100.0, 10.0, 250_000, 1_500_000, clip)
     lam, reason = upd(1.0, 30.0)  # tns = 20 / 90
     assert lam == pytest.approx(1 - 20 / 90) and reason == ""
     assert upd(1.0, 55.0)[0] == pytest.approx(0.5)  # tns = 45 / 90
     assert upd(0.3, 10.0)[0] == pytest.approx(1.0)  # student at random level: back to 1 (lambda > 0 may go up)
     assert upd(1.0, 100.0)[0] == pytest.approx(0.0)  # student == teacher
-    assert upd(1.0, 150.0)[0] == 0.0  # student better than the teacher: clipped at 0
-    assert upd(1.0, 0.0)[0] == 1.0  # student below random (tns < 0): clipped at 1, lr never above its offline value
+    assert upd(1.0, 150.0)[0] == 0.0  # student better than the teacher: floored at 0
+    assert upd(1.0, 1.0)[0] == pytest.approx(1.1)  # below random: no upper clip in the reference (tns = -0.1)
+    assert upd(1.0, 1.0, clip=True)[0] == 1.0  # --clip-lambda caps it
+
+
+def test_distill_lambda_update_decay_period_is_strict_and_checked_at_evaluations():
+    """The reference zeroes lambda when online_training_steps > distill_decay_period at record_score."""
+    lam, reason = q.distill_lambda_update(0.7, 40.0, 100.0, 10.0, 1_500_000, 1_500_000)
+    assert lam == pytest.approx(1 - 30 / 90) and reason == ""  # exactly at the period: still the score
+    lam, reason = q.distill_lambda_update(0.7, 40.0, 100.0, 10.0, 1_500_001, 1_500_000)
+    assert lam == 0.0 and "decay period" in reason
 
 
 def test_distill_lambda_update_kept_values():
-    """decay period over -> 0; lambda == 0 stays 0; missing/invalid scores keep lambda with a reason."""
-    lam, reason = q.distill_lambda_update(0.7, 10.0, 100.0, 10.0, 1_500_000, 1_500_000)
-    assert lam == 0.0 and reason
+    """lambda == 0 stays 0; missing/invalid scores keep lambda with a reason."""
     lam, _ = q.distill_lambda_update(0.7, None, None, 10.0, 2_000_000, 1_500_000)
     assert lam == 0.0
     # lambda reached 0: stays 0 even if the student got worse (tns would give 1 - 0 = 1)
@@ -383,7 +392,7 @@ def test_replay_stacking_zero_padding_and_short_episodes():
     """obs = last 4 frames oldest -> newest; steps 0-2 of an episode are zero-padded, never
     frames of the previous episode; 1- and 2-step episodes bootstrap/terminate correctly."""
     gamma = 0.99
-    buf = q.FrameReplayBuffer(200, 1, N_STEP, gamma)
+    buf = DeviceReplay(q, 200, 1, N_STEP, gamma)
     sim = VecSim(1, scripted([[(5, "term"), (2, "trunc"), (1, "term")]]))
     sim.run(buf, 20)  # ep0: 5 steps + reset, ep1: 2 + reset, ep2: 1 + reset, ep3: 9 steps (t=0..8)
     counts = collect(buf, sim, gamma, draws=1500)
@@ -414,7 +423,7 @@ def test_replay_stacking_zero_padding_and_short_episodes():
 
 def test_replay_row_accounting_skips_reset_step():
     """One row per transition + one FINAL row per episode end; envpool's reset step adds nothing."""
-    buf = q.FrameReplayBuffer(500, 1, N_STEP, 0.99)
+    buf = DeviceReplay(q, 500, 1, N_STEP, 0.99)
     sim = VecSim(1, scripted([[(5, "term"), (2, "trunc"), (1, "term")]]))
     sim.run(buf, 20)
     # 20 vector steps = 17 transitions (3 reset steps skipped) + 3 FINAL rows
@@ -430,7 +439,7 @@ def test_replay_nstep_returns_at_termination_and_far_from_ends():
     """Termination: returns stop at the terminal step, discount 0. Far from the end:
     r0 + g r1 + g^2 r2, discount g^3, next_obs = the stack 3 steps later. (gamma = 0.9)"""
     g = 0.9
-    buf = q.FrameReplayBuffer(200, 1, N_STEP, g)
+    buf = DeviceReplay(q, 200, 1, N_STEP, g)
     sim = VecSim(1, scripted([[(6, "term", NSTEP_REWARDS)]]))
     sim.run(buf, 12)
     b = buf.sample(600, np.random.default_rng(0))
@@ -456,7 +465,7 @@ def test_replay_bootstraps_through_truncation():
     """Truncation: a transition k steps before the truncating step has discount g^(k+1) != 0
     and next_obs = the stack ending with the episode's final frame s_T."""
     g = 0.9
-    buf = q.FrameReplayBuffer(200, 1, N_STEP, g)
+    buf = DeviceReplay(q, 200, 1, N_STEP, g)
     sim = VecSim(1, scripted([[(6, "trunc", NSTEP_REWARDS)]]))
     sim.run(buf, 12)
     b = buf.sample(600, np.random.default_rng(0))
@@ -477,7 +486,7 @@ def test_replay_wraparound_never_mixes_old_and_new():
     """After writing > 2.5x the capacity, every sample is consistent with the ground truth and
     uses only frames still stored; the set of sampled transitions is exactly the valid one."""
     gamma = 0.99
-    buf = q.FrameReplayBuffer(24, 1, N_STEP, gamma)
+    buf = DeviceReplay(q, 24, 1, N_STEP, gamma)
     sim = VecSim(1, scripted([[(4, "term"), (9, "trunc"), (2, "term"), (13, "term"), (7, "trunc"),
                                (1, "trunc"), (5, "term"), (11, "trunc"), (6, "term")]]))
     for steps in (10, 17, 13, 9, 11, 7):  # check at several fill levels, across the wrap
@@ -493,7 +502,7 @@ def test_replay_wraparound_never_mixes_old_and_new():
 def test_replay_multi_env_streams_never_mix():
     """num_envs = 3 with different episode ends: each stack comes from a single env."""
     gamma = 0.99
-    buf = q.FrameReplayBuffer(300, 3, N_STEP, gamma)
+    buf = DeviceReplay(q, 300, 3, N_STEP, gamma)
     sim = VecSim(3, scripted([[(2, "term"), (5, "trunc"), (3, "term")],
                               [(7, "term"), (1, "term"), (4, "trunc")],
                               [(4, "trunc"), (4, "term")]]))
@@ -512,7 +521,7 @@ def test_replay_multi_env_streams_never_mix():
 def test_replay_long_episode_full_stacks_past_255_steps():
     """Steps beyond 255 (uint8 step counters) still get full 4-frame stacks, no zero padding."""
     gamma = 0.99
-    buf = q.FrameReplayBuffer(700, 1, N_STEP, gamma)
+    buf = DeviceReplay(q, 700, 1, N_STEP, gamma)
     sim = VecSim(1, scripted([[(600, "trunc")]]))
     sim.run(buf, 610)
     counts = collect(buf, sim, gamma, draws=3000, batch=500)
@@ -520,17 +529,14 @@ def test_replay_long_episode_full_stacks_past_255_steps():
 
 
 def test_replay_bytes_per_transition():
-    """<= 7.2 KB per transition, and equal to the allocated per-row arrays / rows."""
-    buf = q.FrameReplayBuffer(1000, 2, N_STEP, 0.99)
-    per_row = [a for a in vars(buf).values() if isinstance(a, np.ndarray) and a.shape[:2] == (2, 500)]
-    assert any(a.shape == (2, 500, 84, 84) and a.dtype == np.uint8 for a in per_row)
-    allocated = sum(a.nbytes for a in per_row)
-    assert buf.bytes_per_transition == pytest.approx(allocated / 1000)
-    assert buf.bytes_per_transition <= 7_372.8
-    assert buf.bytes_per_transition >= 84 * 84  # the frame itself is counted
-    # per-env bookkeeping is O(num_envs), not per row
-    others = [a for a in vars(buf).values() if isinstance(a, np.ndarray) and a.shape[:2] != (2, 500)]
-    assert sum(a.nbytes for a in others) < 1000
+    """<= 7.2 KB per transition, and equal to the allocated arrays / rows."""
+    rb = q.make_replay([500, 500], 0)
+    per_row = [a for a in rb if a.shape[:1] == (1000,)]
+    assert any(a.shape == (1000, 84, 84) and a.dtype == np.uint8 for a in per_row)
+    assert q.replay_bytes([500, 500], 0) == sum(a.nbytes for a in per_row)
+    assert q.replay_bytes([500, 500], 0) / 1000 <= 7200
+    # per-stream bookkeeping is O(num_envs), not per row
+    assert sum(a.nbytes for a in rb if a.shape[:1] != (1000,)) < 100
 
 
 def test_replay_brute_force_random_episodes():
@@ -544,7 +550,7 @@ def test_replay_brute_force_random_episodes():
     def plan(i, e, rng):
         return int(rng.choice([1, 2, 3, 4, 5, 7, 10, 14])), ("term" if rng.random() < 0.5 else "trunc")
 
-    buf = q.FrameReplayBuffer(cap, 2, N_STEP, gamma)
+    buf = DeviceReplay(q, cap, 2, N_STEP, gamma)
     sim = VecSim(2, plan, seed=123)
     seen_end_types = set()
     for steps in (25, 40, 60, 75):
@@ -564,7 +570,7 @@ def test_replay_brute_force_random_episodes():
 
 
 def test_replay_sample_empty_raises():
-    buf = q.FrameReplayBuffer(100, 1, N_STEP, 0.99)
+    buf = DeviceReplay(q, 100, 1, N_STEP, 0.99)
     with pytest.raises(RuntimeError):
         buf.sample(4, np.random.default_rng(0))
 

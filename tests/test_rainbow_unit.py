@@ -13,6 +13,7 @@ import tyro
 from scipy import stats
 
 import qdagger_rainbow_atari_jax as qr
+from replay_adapter import DeviceReplay
 
 SUPPORT51 = np.linspace(-10.0, 10.0, 51, dtype=np.float32)  # dz = 0.4
 
@@ -172,111 +173,65 @@ def test_distillation_with_a_distributional_student_by_hand():
 
 
 # ----------------------------------------------------------------------------
-# Sum tree
+# Sum tree (JAX, level by level)
 # ----------------------------------------------------------------------------
+def new_tree(leaves):
+    return jnp.zeros(2 * (1 << max(int(leaves - 1).bit_length(), 0)), jnp.float32)
+
+
 def check_tree_consistent(tree):
-    nodes = tree.nodes
-    for i in range(1, tree.leaf0):
-        assert nodes[i] == nodes[2 * i] + nodes[2 * i + 1]
+    nodes = np.asarray(tree, np.float64)
+    for i in range(1, nodes.size // 2):
+        assert nodes[i] == pytest.approx(nodes[2 * i] + nodes[2 * i + 1], rel=1e-6, abs=1e-6)
 
 
-def test_sum_tree_set_get_total_and_max():
-    tree = qr.SumTree(6)
-    assert tree.leaf0 == 8 and tree.total == 0.0 and tree.max_priority == 1.0
-    tree.set([0, 2, 5], [1.0, 3.0, 0.5])
-    np.testing.assert_array_equal(tree.get(np.arange(6)), [1, 0, 3, 0, 0, 0.5])
-    assert tree.total == 4.5 and tree.max_priority == 3.0
-    tree.set([2], 0.25)
-    assert tree.total == 1.75 and tree.max_priority == 3.0  # max is the largest ever set
-    tree.set([1, 1], [7.0, 2.0])  # duplicates: last wins, parents consistent
-    assert tree.get([1])[0] == 2.0 and tree.total == 3.75 and tree.max_priority == 7.0
+def test_sum_tree_set_total_and_masked_leaves():
+    tree = new_tree(6)
+    assert tree.shape == (16,)
+    tree = qr.tree_set(tree, jnp.array([0, 2, 5]), jnp.array([1.0, 3.0, 0.5]), jnp.array([True, True, True]))
+    np.testing.assert_array_equal(np.asarray(tree[8:14]), [1, 0, 3, 0, 0, 0.5])
+    assert float(tree[1]) == 4.5
+    tree = qr.tree_set(tree, jnp.array([2, 3]), jnp.array([0.25, 9.0]), jnp.array([True, False]))  # leaf 3 not kept
+    assert float(tree[8 + 3]) == 0.0 and float(tree[1]) == 1.75
     check_tree_consistent(tree)
-    with pytest.raises(ValueError):
-        tree.set([0], -1.0)
-    with pytest.raises(ValueError):
-        tree.set([0], np.nan)
-    with pytest.raises(IndexError):
-        tree.set([6], 1.0)
 
 
 def test_sum_tree_totals_after_many_random_updates():
     rng = np.random.default_rng(7)
+    set_ = jax.jit(qr.tree_set)
     for cap in [1, 2, 3, 1000, 4096]:
-        tree = qr.SumTree(cap)
+        tree = new_tree(cap)
         ref = np.zeros(cap)
-        for _ in range(300):
-            idx = rng.integers(0, cap, size=rng.integers(1, 40))
+        for _ in range(60):
+            idx = np.unique(rng.integers(0, cap, size=rng.integers(1, 40)))
             val = rng.exponential(size=idx.size) * (rng.random(idx.size) > 0.3)
-            tree.set(idx, val)
-            # numpy assignment with duplicates keeps the last one, as the tree does
+            pad = 40 - idx.size  # one shape: one compilation
+            tree = set_(tree, jnp.asarray(np.r_[idx, np.zeros(pad, int)]), jnp.asarray(np.r_[val, np.zeros(pad)], jnp.float32),
+                        jnp.asarray(np.r_[np.ones(idx.size, bool), np.zeros(pad, bool)]))
             ref[idx] = val
-        np.testing.assert_allclose(tree.get(np.arange(cap)), ref)
-        np.testing.assert_allclose(tree.total, ref.sum(), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(tree)[tree.shape[0] // 2:][:cap], ref, rtol=1e-6)
+        np.testing.assert_allclose(float(tree[1]) if cap > 1 else float(tree[1]), ref.sum(), rtol=1e-5)
         check_tree_consistent(tree)
 
 
 def test_sum_tree_find_is_the_inverse_cdf():
-    tree = qr.SumTree(5)
-    tree.set(np.arange(5), [1.0, 0.0, 2.0, 0.0, 1.0])  # cumsum 1, 1, 3, 3, 4
-    q = np.array([0.0, 0.999, 1.0, 2.5, 2.999, 3.0, 3.999])
-    np.testing.assert_array_equal(tree.find(q), [0, 0, 2, 2, 2, 4, 4])
+    tree = qr.tree_set(new_tree(5), jnp.arange(5), jnp.array([1.0, 0.0, 2.0, 0.0, 1.0]), jnp.ones(5, bool))  # cumsum 1, 1, 3, 3, 4
+    q = jnp.array([0.0, 0.999, 1.0, 2.5, 2.999, 3.0, 3.999])
+    np.testing.assert_array_equal(np.asarray(qr.tree_find(tree, q)), [0, 0, 2, 2, 2, 4, 4])
     # out of range queries (float round-off) still land on a positive leaf
-    assert set(tree.find(np.array([4.0, 4.0 + 1e-9, 100.0, -1e-12]))) <= {0, 2, 4}
-
-
-def test_sum_tree_sampling_frequencies_match_priorities():
-    rng = np.random.default_rng(8)
-    priorities = np.array([1.0, 2.0, 0.0, 3.0, 4.0, 0.0, 10.0, 0.5, 0.0, 2.5])
-    tree = qr.SumTree(priorities.size)
-    tree.set(np.arange(priorities.size), priorities)
-    counts = np.zeros(priorities.size)
-    for _ in range(2000):
-        idx, probs = tree.sample(32, rng)
-        np.testing.assert_allclose(probs, priorities[idx] / priorities.sum())
-        np.add.at(counts, idx, 1)
-    assert np.all(counts[priorities == 0] == 0)  # zero priority: never sampled
-    nz = priorities > 0
-    expected = counts.sum() * priorities[nz] / priorities.sum()
-    assert stats.chisquare(counts[nz], expected).pvalue > 1e-3
-    np.testing.assert_allclose(counts[nz] / counts.sum(), priorities[nz] / priorities.sum(), atol=0.005)
-
-
-def test_sum_tree_equal_priorities_sample_uniformly():
-    rng = np.random.default_rng(9)
-    cap = 37
-    tree = qr.SumTree(cap)
-    tree.set(np.arange(cap), 0.7)
-    counts = np.bincount(np.concatenate([tree.sample(64, rng)[0] for _ in range(1500)]), minlength=cap)
-    assert stats.chisquare(counts).pvalue > 1e-3
-    # all zero: sampling refuses
-    with pytest.raises(RuntimeError):
-        qr.SumTree(4).sample(2, rng)
-
-
-def test_importance_weights_by_hand():
-    probs = np.array([0.1, 0.2, 0.4, 0.1])
-    w = qr.importance_weights(probs, 0.5)
-    # (1/P)^0.5 = 3.1623, 2.2361, 1.5811, 3.1623 ; / max
-    np.testing.assert_allclose(w, [1.0, np.sqrt(0.5), 0.5, 1.0], rtol=1e-6)
-    N = 1000
-    raw = (N * probs) ** -0.7
-    np.testing.assert_allclose(qr.importance_weights(probs, 0.7), raw / raw.max(), rtol=1e-6)
-    np.testing.assert_allclose(qr.importance_weights(probs, 0.0), 1.0)
-    # Dopamine's Rainbow: 1 / sqrt(P + 1e-10), normalised by the max
-    dop = 1.0 / np.sqrt(probs + 1e-10)
-    np.testing.assert_allclose(qr.importance_weights(probs, 0.5), dop / dop.max(), rtol=1e-6)
+    assert set(np.asarray(qr.tree_find(tree, jnp.array([4.0, 4.0 + 1e-6, 100.0, -1e-7]))).tolist()) <= {0, 2, 4}
 
 
 # ----------------------------------------------------------------------------
-# Prioritized frame replay
+# Prioritized frame replay (the device buffer through tests/replay_adapter.py)
 # ----------------------------------------------------------------------------
 def run_stream(rb, steps, rng, p_end=0.08, check=None):
     """Feed `rb` a synthetic envpool-style stream (auto-reset step after every end)."""
     E = rb.num_envs
     resetting = np.zeros(E, bool)
     for t in range(steps):
-        frames = rng.integers(0, 256, size=(E, 2, 2), dtype=np.uint8)
-        nxt = rng.integers(0, 256, size=(E, 2, 2), dtype=np.uint8)
+        frames = rng.integers(0, 256, size=(E, 84, 84), dtype=np.uint8)
+        nxt = rng.integers(0, 256, size=(E, 84, 84), dtype=np.uint8)
         end = (rng.random(E) < p_end) & ~resetting
         term = end & (rng.random(E) < 0.5)
         trunc = end & ~term
@@ -286,84 +241,66 @@ def run_stream(rb, steps, rng, p_end=0.08, check=None):
             check(rb, t)
 
 
+def leaves_of(rb):
+    tree = np.asarray(rb.rb.tree)
+    return tree[tree.shape[0] // 2:]
+
+
+_valid = jax.jit(qr.replay_valid, static_argnums=(3, 4))
+
+
 def assert_priorities_mark_valid_rows(rb):
+    leaves = leaves_of(rb)
     for e in range(rb.num_envs):
         cnt = int(rb.count[e])
         j = np.arange(max(cnt - rb.rows, 0), cnt)
-        ok = rb.valid(np.full(j.size, e), j)[0] if j.size else np.zeros(0, bool)
-        pri = rb.tree.get(e * rb.rows + j % rb.rows)
-        np.testing.assert_array_equal(pri > 0, ok, err_msg=f"env {e} count {cnt}")
+        ok = np.asarray(_valid(rb.rb, jnp.full(j.size, e), jnp.asarray(j), rb.n_step, 0.99)[0]) if j.size else np.zeros(0, bool)
+        np.testing.assert_array_equal(leaves[e * rb.rows + j % rb.rows] > 0, ok, err_msg=f"env {e} count {cnt}")
         if cnt < rb.rows:  # never-written rows hold no priority
-            assert np.all(rb.tree.get(e * rb.rows + np.arange(cnt, rb.rows)) == 0)
-    assert np.all(rb.tree.nodes[rb.tree.leaf0 + rb.num_envs * rb.rows:] == 0)
+            assert np.all(leaves[e * rb.rows + np.arange(cnt, rb.rows)] == 0)
+    assert np.all(leaves[rb.num_envs * rb.rows:] == 0)
 
 
 @pytest.mark.parametrize("num_envs,capacity,n_step", [(1, 37, 3), (3, 60, 3), (2, 41, 1), (4, 64, 5)])
 def test_priorities_exactly_on_valid_rows_through_wraparound(num_envs, capacity, n_step):
     rng = np.random.default_rng(10 + num_envs)
-    rb = qr.FrameReplayBuffer(capacity, num_envs, n_step, 0.99, frame_shape=(2, 2), prioritized=True)
-    run_stream(rb, 400, rng, check=lambda rb, t: assert_priorities_mark_valid_rows(rb))
+    rb = DeviceReplay(qr, capacity, num_envs, n_step, 0.99, prioritized=True)
+    run_stream(rb, 150, rng, check=lambda rb, t: assert_priorities_mark_valid_rows(rb) if t % 5 == 4 else None)
     assert (rb.count > rb.rows).all()  # wrapped around several times
 
 
-def test_prioritized_sampling_never_returns_invalid_rows_and_follows_priorities():
-    rng = np.random.default_rng(11)
-    rb = qr.FrameReplayBuffer(90, 3, 3, 0.99, frame_shape=(2, 2), prioritized=True, alpha=1.0, beta=0.5)
-    run_stream(rb, 200, rng, p_end=0.1)
-    # give every valid row a distinct priority through the loss -> priority rule (alpha = 1)
-    leaves = np.flatnonzero(rb.tree.get(np.arange(rb.tree.capacity)) > 0)
-    env, row = np.divmod(leaves, rb.rows)
-    losses = rng.uniform(0.1, 3.0, leaves.size)
-    pri = rb.update_priorities(env, row, losses)
-    np.testing.assert_allclose(pri, losses + 1e-10)
-    counts = np.zeros(rb.tree.capacity)
-    for _ in range(800):
-        b = rb.sample(16, rng)
-        j = rb.count[b.env_idx] - 1 - (rb.count[b.env_idx] - 1 - b.row_idx) % rb.rows
-        ok, ret, disc, L = rb.valid(b.env_idx, j)
-        assert ok.all()
-        assert not np.any(rb.flags[b.env_idx, b.row_idx] & qr.FINAL)
-        np.testing.assert_allclose(b.returns, ret)
-        np.testing.assert_allclose(b.discounts, disc)
-        p = rb.tree.get(b.env_idx * rb.rows + b.row_idx) / rb.tree.total
-        np.testing.assert_allclose(b.weights, (p.min() / p) ** 0.5, rtol=1e-5)
-        np.add.at(counts, b.env_idx * rb.rows + b.row_idx, 1)
-    assert counts[np.setdiff1d(np.arange(counts.size), leaves)].sum() == 0
-    expected = counts.sum() * (losses + 1e-10) / (losses + 1e-10).sum()
-    assert stats.chisquare(counts[leaves], expected).pvalue > 1e-3
-
-
 def test_new_rows_get_the_max_priority_and_overwritten_rows_lose_theirs():
-    rb = qr.FrameReplayBuffer(20, 1, 3, 0.99, frame_shape=(2, 2), prioritized=True, alpha=0.5)
-    f = np.zeros((1, 2, 2), np.uint8)
+    rb = DeviceReplay(qr, 20, 1, 3, 0.99, prioritized=True)
+    f = np.zeros((1, 84, 84), np.uint8)
     step = lambda: rb.add(f, np.array([1]), np.array([0.5], np.float32), np.array([False]), np.array([False]), f)  # noqa: E731
+    set_p = lambda idx, loss: setattr(rb, "rb", qr.replay_set_priorities(rb.rb, jnp.array(idx), jnp.array(loss, jnp.float32), alpha=0.5))  # noqa: E731
     for _ in range(5):
         step()
     # rows 0, 1 have their 3-step bootstrap row (3, 4): valid at the initial max priority 1.0
-    np.testing.assert_array_equal(rb.tree.get(np.arange(6)), [1, 1, 0, 0, 0, 0])
-    rb.update_priorities(np.array([0]), np.array([0]), np.array([16.0]))  # priority sqrt(16 + 1e-10)
-    assert rb.tree.max_priority == pytest.approx(4.0)
+    np.testing.assert_array_equal(leaves_of(rb)[:6], [1, 1, 0, 0, 0, 0])
+    set_p([0], [16.0])  # priority sqrt(16 + 1e-10)
+    assert float(rb.rb.max_priority) == pytest.approx(4.0)
     step()
-    assert rb.tree.get([2])[0] == pytest.approx(4.0)  # the newly valid row gets the max so far
+    assert leaves_of(rb)[2] == pytest.approx(4.0)  # the newly valid row gets the max so far
     for _ in range(20 - 6):
         step()
-    assert rb.tree.get([0])[0] > 0
-    step()  # overwrites row 0 (absolute 20): its priority goes, and row 1..3 keep theirs only if their stack is intact
-    assert rb.tree.get([0])[0] == 0
-    np.testing.assert_array_equal(rb.tree.get([1, 2, 3]) > 0, [False, False, False])  # their stacks reached row 0
-    assert rb.tree.get([4])[0] > 0
+    assert leaves_of(rb)[0] > 0
+    step()  # overwrites row 0 (absolute 20): its priority goes, and rows 1..3 keep theirs only if their stack is intact
+    assert leaves_of(rb)[0] == 0
+    np.testing.assert_array_equal(leaves_of(rb)[[1, 2, 3]] > 0, [False, False, False])  # their stacks reached row 0
+    assert leaves_of(rb)[4] > 0
     assert_priorities_mark_valid_rows(rb)
     # a stale priority update for an overwritten row is ignored
-    rb.update_priorities(np.array([0]), np.array([0]), np.array([9.0]))
-    assert rb.tree.get([0])[0] == 0
+    set_p([0], [9.0])
+    assert leaves_of(rb)[0] == 0
 
 
 def test_uniform_buffer_has_unit_weights_and_no_tree():
     rng = np.random.default_rng(13)
-    rb = qr.FrameReplayBuffer(50, 2, 3, 0.99, frame_shape=(2, 2))
+    rb = DeviceReplay(qr, 50, 2, 3, 0.99)
     run_stream(rb, 60, rng)
     b = rb.sample(8, rng)
-    assert rb.tree is None and b.weights.shape == (8,) and np.all(b.weights == 1.0)
+    assert rb.rb.tree.shape == (2,) and b.weights.shape == (8,) and np.all(b.weights == 1.0)
 
 
 # ----------------------------------------------------------------------------
@@ -374,21 +311,21 @@ def test_noisy_dense_keys_and_mean_weights():
     x = jnp.asarray(np.random.default_rng(14).normal(size=(3, 16)), jnp.float32)
     params = layer.init(jax.random.PRNGKey(0), x)
     p = params["params"]
-    np.testing.assert_allclose(np.asarray(p["sigma_kernel"]), 0.5 / 4.0)
-    np.testing.assert_allclose(np.asarray(p["sigma_bias"]), 0.5 / 4.0)
-    assert np.abs(np.asarray(p["mu_kernel"])).max() <= 0.25
+    np.testing.assert_allclose(np.asarray(p["kernel_sigma"]), 0.5 / 4.0)
+    np.testing.assert_allclose(np.asarray(p["bias_sigma"]), 0.5 / 4.0)
+    assert np.abs(np.asarray(p["kernel_mu"])).max() <= 0.25
     k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
     y1, y1b, y2 = (np.asarray(layer.apply(params, x, k)) for k in (k1, k1, k2))
     np.testing.assert_array_equal(y1, y1b)  # same key, same output
     assert np.abs(y1 - y2).max() > 1e-3  # different keys, different outputs
     y0 = np.asarray(layer.apply(params, x))  # no key: the mean weights
-    np.testing.assert_allclose(y0, np.asarray(x @ p["mu_kernel"] + p["mu_bias"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y0, np.asarray(x @ p["kernel_mu"] + p["bias_mu"]), rtol=1e-5, atol=1e-6)
     # the factorised form equals building the noisy weight matrix
     k_in, k_out = jax.random.split(k1)
     f = lambda e: np.sign(e) * np.sqrt(np.abs(e))  # noqa: E731
     e_in, e_out = f(np.asarray(jax.random.normal(k_in, (16,)))), f(np.asarray(jax.random.normal(k_out, (6,))))
-    w = np.asarray(p["mu_kernel"]) + np.asarray(p["sigma_kernel"]) * np.outer(e_in, e_out)
-    b = np.asarray(p["mu_bias"]) + np.asarray(p["sigma_bias"]) * e_out
+    w = np.asarray(p["kernel_mu"]) + np.asarray(p["kernel_sigma"]) * np.outer(e_in, e_out)
+    b = np.asarray(p["bias_mu"]) + np.asarray(p["bias_sigma"]) * e_out
     np.testing.assert_allclose(y1, np.asarray(x) @ w + b, rtol=1e-4, atol=1e-5)
 
 
@@ -406,8 +343,8 @@ def test_network_shapes_dueling_and_noise(torso, duelings, obs):
         head = set(params["params"]) - {"NatureTorso_0", "ImpalaCNN_0"}
         assert head == ({"hidden", "advantage", "value"} if dueling else {"hidden", "logits"})
         if dueling:
-            assert params["params"]["value"]["mu_kernel"].shape == (512, K)
-            assert params["params"]["advantage"]["mu_kernel"].shape == (512, A * K)
+            assert params["params"]["value"]["kernel_mu"].shape == (512, K)
+            assert params["params"]["advantage"]["kernel_mu"].shape == (512, A * K)
         noisy_apply = lambda p, o, k: net.apply(p, o, key=k)  # noqa: E731
         out = noisy_apply(params, obs, jax.random.PRNGKey(3))
         assert out.shape == (2, A, K)
@@ -446,18 +383,19 @@ def test_update_step_runs_with_every_flag(obs):
     params = student.init(jax.random.PRNGKey(0), obs)
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=1e-4, eps=1.5e-4)
     state = qr.QState.create(apply_fn=student.apply, params=params, target_params=params, tx=tx)
-    update = qr.make_update(student, support, 0.1, 1.0, double_dqn=True)
+    update = qr.make_update(student, support, 0.1, double_dqn=True)
     teacher_q = np.array([[0.1, 0.5, -0.2, 0.0], [1.0, 0.9, 0.95, 1.2]], np.float32)
-    batch = (obs, np.array([0, 3], np.int32), np.array([1.0, -0.5], np.float32), np.array([0.99**3, 0.0], np.float32), obs[::-1],
-             teacher_q, np.array([1.0, 0.5], np.float32))
-    new_state, metrics, td = update(state, *batch, jnp.float32(1.0), jnp.float32(3e-5), jax.random.PRNGKey(2))
+    batch = qr.Batch(obs=obs, actions=np.array([0, 3], np.int32), returns=np.array([1.0, -0.5], np.float32),
+                     discounts=np.array([0.99**3, 0.0], np.float32), next_obs=obs[::-1], teacher_q=teacher_q,
+                     index=np.array([0, 1], np.int32), weights=np.array([1.0, 0.5], np.float32))
+    new_state, metrics, td = update(state, batch, teacher_q, qr.coefs(1.0, 1.0, 3e-5), jax.random.PRNGKey(2))
     assert td.shape == (2,) and np.all(np.asarray(td) > 0)
     assert all(np.isfinite(float(v)) for v in metrics.values()) and float(metrics["distill_loss"]) > 0
     assert float(new_state.opt_state.hyperparams["learning_rate"]) == pytest.approx(3e-5)
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new_state.params, params)
     assert max(jax.tree_util.tree_leaves(moved)) > 0
     # lambda * c = 0: no distillation term
-    _, metrics0, _ = update(state, *batch, jnp.float32(0.0), jnp.float32(1e-5), jax.random.PRNGKey(2))
+    _, metrics0, _ = update(state, batch, teacher_q, qr.coefs(1.0, 0.0, 1e-5), jax.random.PRNGKey(2))
     assert float(metrics0["distill_loss"]) == 0.0
     # noisy + epsilon-greedy act returns actions and the expected Q they came from
     act = qr.make_act(lambda p, o, k: qr.expected_q(student.apply(p, o, key=k), support))
@@ -467,19 +405,19 @@ def test_update_step_runs_with_every_flag(obs):
 
 
 def test_teacher_q_cached_in_the_teacher_buffer():
-    rng = np.random.default_rng(16)
-    rb = qr.FrameReplayBuffer(40, 2, 3, 0.99, frame_shape=(2, 2), teacher_q_dim=3)
-    f = np.zeros((2, 2, 2), np.uint8)
+    rb = qr.make_replay([20, 20], 3)
+    f = np.zeros((2, 84, 84), np.uint8)
     for t in range(15):
         q = np.stack([np.full(3, 100 * e + t, np.float32) for e in range(2)])
-        rb.add(f, np.array([1, 2]), np.zeros(2, np.float32), np.array([False, t == 6]), np.zeros(2, bool), f, q)
-    b = rb.sample(16, rng)
-    j_first = b.teacher_q[:, 0]
+        rb = qr.replay_add(rb, 0, f, np.array([1, 2]), np.zeros(2, np.float32), np.array([False, t == 6]), np.zeros(2, bool), f, q)
+    b, ok = qr.replay_sample(rb, jax.random.PRNGKey(0), 16, 3, 0.99)
+    assert bool(ok)
+    env, row = np.divmod(np.asarray(b.index), 20)
     # the row's teacher Q is the one given when its state was added
     # (env 1: rows 0-6 = steps 0-6, row 7 = FINAL, step 7 = the reset step (not stored), row t = step t after)
-    np.testing.assert_array_equal(j_first, 100 * b.env_idx + b.row_idx)
-    assert not np.any((b.env_idx == 1) & (b.row_idx == 7))
-    assert rb.sample(4, rng).weights.tolist() == [1.0] * 4
+    np.testing.assert_array_equal(np.asarray(b.teacher_q)[:, 0], 100 * env + row)
+    assert not np.any((env == 1) & (row == 7))
+    assert np.asarray(b.weights).tolist() == [1.0] * 16
 
 
 # ----------------------------------------------------------------------------
@@ -493,6 +431,7 @@ def test_defaults_are_the_papers_rainbow():
     assert (a.learning_starts, a.train_frequency, a.target_network_frequency, a.epsilon_decay_steps) == (20_000, 4, 8_000, 50_000)
     assert (a.end_e, a.eval_epsilon, a.per_alpha, a.per_beta) == (0.01, 0.001, 0.5, 0.5)
     assert not (a.double_dqn or a.dueling or a.noisy) and a.network == "nature"
+    assert a.total_timesteps == 3_750_000 and a.noisy_sigma0 == 0.1  # 15 iterations; Dopamine's NoisyNetwork sigma
 
 
 def test_help_documents_dopamine_prioritized_replay():
@@ -502,7 +441,7 @@ def test_help_documents_dopamine_prioritized_replay():
     text = " ".join(out.getvalue().replace("\u2502", " ").split())  # drop rich's box borders at line wraps
     for flag in ["--per-alpha", "--per-beta", "--num-atoms", "--v-min", "--v-max", "--double-dqn", "--dueling", "--noisy", "--network"]:
         assert flag in text
-    assert text.count("alpha = beta = 0.5 is exactly Dopamine's Rainbow") >= 2
+    assert "alpha = beta = 0.5 is exactly Dopamine's Rainbow" in text and "normalised by the batch max" in text
 
 
 @pytest.mark.parametrize("override,flag", [(dict(num_atoms=1), "--num-atoms"), (dict(v_min=1.0, v_max=1.0), "--v-min"),
@@ -518,6 +457,7 @@ def test_lambda_and_learning_rate():
     assert qr.lambda_learning_rate(0.5, 1e-4, 1e-5) == pytest.approx(5.5e-5)
     lam, _ = qr.distill_lambda_update(1.0, 6.0, 11.0, 1.0, 1000, 2_500_000)  # tns = 0.5
     assert lam == pytest.approx(0.5)
-    assert qr.distill_lambda_update(0.5, 1.0, 11.0, 1.0, 2_500_000, 2_500_000)[0] == 0.0
+    assert qr.distill_lambda_update(0.5, 1.0, 11.0, 1.0, 2_500_001, 2_500_000)[0] == 0.0
     assert qr.distill_lambda_update(0.0, 1.0, 11.0, 1.0, 10, 2_500_000)[0] == 0.0
-    assert qr.distill_lambda_update(0.7, -5.0, 11.0, 1.0, 10, 2_500_000)[0] == 1.0  # below random: clipped to 1
+    assert qr.distill_lambda_update(0.7, -5.0, 11.0, 1.0, 10, 2_500_000)[0] == pytest.approx(1.6)  # below random: no upper clip
+    assert qr.distill_lambda_update(0.7, -5.0, 11.0, 1.0, 10, 2_500_000, clip=True)[0] == 1.0

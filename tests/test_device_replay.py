@@ -1,0 +1,222 @@
+"""The device (JAX) replay of both scripts against the numpy frame store they used before
+(tests/numpy_replay.py): same valid set, n-step returns, discounts, stacks and sampling law."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import numpy_replay as nr
+import qdagger_dqn_atari_jax as dqn
+import qdagger_rainbow_atari_jax as rainbow
+
+SCRIPTS = [pytest.param(dqn, id="dqn"), pytest.param(rainbow, id="rainbow")]
+
+
+def random_streams(num_envs, steps, seed, p_term=0.03, p_trunc=0.02):
+    """envpool-like vector steps: random frames, actions, rewards, terminations and truncations."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        frames = rng.integers(0, 256, (num_envs, 84, 84), np.uint8)
+        actions = rng.integers(0, 6, num_envs).astype(np.int32)
+        rewards = rng.uniform(-1, 1, num_envs).astype(np.float32)
+        u = rng.uniform(size=num_envs)
+        terminated, truncated = u < p_term, (u >= p_term) & (u < p_term + p_trunc)
+        next_frames = rng.integers(0, 256, (num_envs, 84, 84), np.uint8)
+        out.append((frames, actions, rewards, terminated, truncated, next_frames))
+    return out
+
+
+def fill_both(script, capacity, num_envs, n_step, gamma, steps, seed, prioritized=False):
+    kwargs = dict(prioritized=True) if prioritized else {}
+    ref = nr.FrameReplayBuffer(capacity, num_envs, n_step, gamma, **kwargs)
+    rows = ref.rows
+    rb = script.make_replay([rows] * num_envs, 0, **kwargs)
+    add = jax.jit(script.replay_add, static_argnums=1)
+    for frames, actions, rewards, term, trunc, nxt in random_streams(num_envs, steps, seed):
+        ref.add(frames, actions, rewards, term, trunc, nxt)
+        rb = add(rb, 0, frames, actions, rewards, term, trunc, nxt)
+    return ref, rb
+
+
+def all_rows(ref):
+    env = np.repeat(np.arange(ref.num_envs), ref.rows)
+    pos = np.tile(np.arange(ref.rows), ref.num_envs)
+    j = np.maximum(ref.count[env] - ref.rows, 0) + pos
+    keep = pos < np.minimum(ref.count[env], ref.rows)
+    return env[keep], j[keep]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("num_envs, capacity, steps, n_step", [(1, 64, 300, 3), (3, 150, 160, 3), (2, 400, 120, 1), (4, 48, 90, 5)])
+def test_valid_set_returns_discounts_and_stacks_match_numpy(script, num_envs, capacity, steps, n_step):
+    gamma = 0.97
+    ref, rb = fill_both(script, capacity, num_envs, n_step, gamma, steps, seed=capacity + steps)
+    np.testing.assert_array_equal(np.asarray(rb.count), ref.count)
+    env, j = all_rows(ref)
+    ok_ref, ret_ref, disc_ref, L_ref = ref.valid(env, j)
+    ok, ret, disc, L = jax.device_get(script.replay_valid(rb, jnp.asarray(env), jnp.asarray(j), n_step, gamma))
+    np.testing.assert_array_equal(ok, ok_ref)
+    assert 0 < ok.sum() < len(ok)  # both kinds of rows are exercised
+    v = ok_ref
+    np.testing.assert_allclose(ret[v], ret_ref[v], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(disc[v], disc_ref[v], rtol=1e-6)
+    np.testing.assert_array_equal(L[v], L_ref[v])
+    if steps * num_envs > capacity:
+        assert (ref.count > ref.rows).any()  # wrapped around
+    stacks = np.asarray(script.replay_stacks(rb, jnp.asarray(env[v]), jnp.asarray(j[v])))
+    np.testing.assert_array_equal(stacks, ref._stacks(env[v], j[v] % ref.rows))
+    nxt = np.asarray(script.replay_stacks(rb, jnp.asarray(env[v]), jnp.asarray(j[v] + L[v])))
+    np.testing.assert_array_equal(nxt, ref._stacks(env[v], (j[v] + L_ref[v]) % ref.rows))
+    flat = env * ref.rows + j % ref.rows
+    np.testing.assert_array_equal(np.asarray(rb.actions)[flat], ref.actions[env, j % ref.rows])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_uniform_sampling_covers_exactly_the_valid_rows_uniformly(script):
+    gamma, n_step = 0.99, 3
+    ref, rb = fill_both(script, 60, 2, n_step, gamma, 80, seed=5)
+    env, j = all_rows(ref)
+    ok_ref = ref.valid(env, j)[0]
+    valid_flat = set((env * ref.rows + j % ref.rows)[ok_ref].tolist())
+    sample = jax.jit(lambda rb, k: script.replay_sample(rb, k, 32, n_step, gamma))
+    counts = {}
+    key = jax.random.PRNGKey(0)
+    for _ in range(300):
+        key, k = jax.random.split(key)
+        batch, ok = sample(rb, k)
+        assert bool(ok)
+        for i in np.asarray(batch.index).tolist():
+            counts[i] = counts.get(i, 0) + 1
+    assert set(counts) == valid_flat
+    freq = np.array(list(counts.values())) / (300 * 32)
+    expected = 1 / len(valid_flat)
+    assert abs(freq.mean() - expected) < 1e-9 and freq.std() < 0.35 * expected  # multinomial noise only
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sample_batch_is_consistent(script):
+    gamma, n_step = 0.9, 3
+    ref, rb = fill_both(script, 200, 2, n_step, gamma, 90, seed=11)
+    batch, ok = jax.jit(lambda rb, k: script.replay_sample(rb, k, 64, n_step, gamma))(rb, jax.random.PRNGKey(3))
+    assert bool(ok)
+    flat = np.asarray(batch.index)
+    env, r = np.divmod(flat, ref.rows)
+    j = np.maximum(ref.count[env] - ref.rows, 0) + (r - ref.count[env]) % ref.rows
+    j = np.where(ref.count[env] > ref.rows, j, r)
+    ok_ref, ret, disc, L = ref.valid(env, j)
+    assert ok_ref.all()
+    np.testing.assert_allclose(np.asarray(batch.returns), ret, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(batch.discounts), disc, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(batch.obs), ref._stacks(env, r))
+    np.testing.assert_array_equal(np.asarray(batch.next_obs), ref._stacks(env, (j + L) % ref.rows))
+    np.testing.assert_array_equal(np.asarray(batch.actions), ref.actions[env, r])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sampling_an_empty_or_invalid_buffer_reports_not_ok(script):
+    rb = script.make_replay([16], 0)
+    _, ok = script.replay_sample(rb, jax.random.PRNGKey(0), 4, 3, 0.99)
+    assert not bool(ok)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bytes_per_transition(script):
+    assert script.replay_bytes([1_000_000], 0) / 1_000_000 <= 7200
+    assert script.replay_bytes([1_000_000], 18) / 1_000_000 <= 7200  # teacher buffer with cached Q of 18 actions
+
+
+def fill_prioritized(capacity, num_envs, n_step, steps, seed, priority_updates=0):
+    """The same streams into the numpy oracle and the JAX buffer, with random priority updates in between."""
+    gamma = 0.99
+    ref = nr.FrameReplayBuffer(capacity, num_envs, n_step, gamma, prioritized=True)
+    rb = rainbow.make_replay([ref.rows] * num_envs, 0, prioritized=True)
+    add = jax.jit(functools.partial(rainbow.replay_add, n_step=n_step), static_argnums=1)
+    set_p = jax.jit(functools.partial(rainbow.replay_set_priorities, alpha=0.5))
+    rng = np.random.default_rng(seed)
+    for t, (frames, actions, rewards, term, trunc, nxt) in enumerate(random_streams(num_envs, steps, seed)):
+        ref.add(frames, actions, rewards, term, trunc, nxt)
+        rb = add(rb, 0, frames, actions, rewards, term, trunc, nxt)
+        if priority_updates and t % 7 == 6 and ref.tree.total > 0:
+            leaves, _ = ref.tree.sample(8, rng)
+            losses = rng.uniform(0, 3, leaves.size)
+            env, r = np.divmod(leaves, ref.rows)
+            ref.update_priorities(env, r, losses)
+            rb = set_p(rb, jnp.asarray(leaves, jnp.int32), jnp.asarray(losses, jnp.float32))
+    return ref, rb
+
+
+@pytest.mark.parametrize("num_envs, capacity, steps, n_step", [(1, 40, 200, 3), (3, 90, 120, 3), (2, 64, 150, 1)])
+def test_sum_tree_leaves_match_numpy_through_wraparound_and_priority_updates(num_envs, capacity, steps, n_step):
+    ref, rb = fill_prioritized(capacity, num_envs, n_step, steps, seed=capacity, priority_updates=True)
+    F = num_envs * ref.rows
+    leaves = np.asarray(rb.tree)[rb.tree.shape[0] // 2:][:F]
+    np.testing.assert_allclose(leaves, ref.tree.nodes[ref.tree.leaf0:][:F], rtol=1e-6)
+    # Leaf > 0 exactly for the valid rows, and the root holds the sum.
+    env, j = all_rows(ref)
+    ok = ref.valid(env, j)[0]
+    assert set(np.flatnonzero(leaves > 0)) == set((env * ref.rows + j % ref.rows)[ok].tolist())
+    assert float(rb.tree[1]) == pytest.approx(leaves.sum(), rel=1e-5)
+    assert float(rb.max_priority) == pytest.approx(ref.tree.max_priority, rel=1e-6)
+    assert (ref.count > ref.rows).all()  # wrapped
+
+
+def test_prioritized_sampling_follows_the_priorities():
+    ref, rb = fill_prioritized(120, 2, 3, 80, seed=1)
+    leaves = np.asarray(rb.tree)[rb.tree.shape[0] // 2:]
+    valid = np.flatnonzero(leaves > 0)
+    priorities = np.random.default_rng(2).uniform(0.1, 4.0, valid.size).astype(np.float32)
+    rb = rainbow.replay_set_priorities(rb, jnp.asarray(valid, jnp.int32), jnp.asarray(priorities) ** 2, alpha=0.5)  # sqrt(p^2) = p
+    sample = jax.jit(lambda rb, k: rainbow.replay_sample_prioritized(rb, k, 32, 3, 0.99, 0.5))
+    counts = np.zeros(leaves.size)
+    key = jax.random.PRNGKey(0)
+    n = 600
+    for _ in range(n):
+        key, k = jax.random.split(key)
+        batch, ok = sample(rb, k)
+        assert bool(ok)
+        idx = np.asarray(batch.index)
+        np.add.at(counts, idx, 1)
+        probs = leaves_p = priorities[np.searchsorted(valid, idx)] / priorities.sum()
+        np.testing.assert_allclose(np.asarray(batch.weights), (probs.min() / leaves_p) ** 0.5, rtol=1e-4)
+    expected = np.zeros(leaves.size)
+    expected[valid] = priorities / priorities.sum() * n * 32
+    assert counts[leaves == 0].sum() == 0
+    chi2 = ((counts[valid] - expected[valid]) ** 2 / expected[valid]).sum()
+    assert chi2 < valid.size + 5 * np.sqrt(2 * valid.size), chi2  # stratified sampling is tighter than multinomial
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("layout", ["run", "notfull"])
+@pytest.mark.parametrize("n_step", [1, 3])
+def test_a_loaded_dopamine_replay_samples_exactly_dopamines_transitions(script, layout, n_step):
+    """The frame store filled from the teacher's Dopamine replay: its valid rows are exactly Dopamine's
+    valid indices, and their transitions equal Dopamine's sample_transition_batch (via the loader's oracle)."""
+    import teacher_utils as tu
+    from conftest import FIXTURES
+
+    gamma = 0.99
+    replay = tu.load_dopamine_replay(FIXTURES / "dopamine_replay" / layout, update_horizon=n_step, gamma=gamma, progress=False)
+    rb = script.make_replay([replay.capacity], 0)
+    rb = script.replay_fill_from_dopamine(rb, replay, 0, chunk=64)
+    C = replay.capacity
+    j = np.asarray(rb.count)[0] - C + np.arange(C) if replay.is_full else np.arange(C)
+    j = j[np.argsort(j % C)]  # absolute rows, ordered by Dopamine's index
+    s = np.zeros(C, np.int32)
+    ok, ret, disc, L = jax.device_get(script.replay_valid(rb, jnp.asarray(s), jnp.asarray(j), n_step, gamma))
+    if not replay.is_full:
+        ok = ok & (np.arange(C) < replay.add_count)
+    np.testing.assert_array_equal(np.flatnonzero(ok), replay.valid_indices())
+    idx = replay.valid_indices()
+    want = replay.transitions(idx)
+    np.testing.assert_array_equal(np.asarray(script.replay_stacks(rb, jnp.asarray(s[idx]), jnp.asarray(j[idx]))), want["state"])
+    np.testing.assert_array_equal(np.asarray(script.replay_stacks(rb, jnp.asarray(s[idx]), jnp.asarray(j[idx] + L[idx]))), want["next_state"])
+    np.testing.assert_allclose(ret[idx], want["reward"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(disc[idx] == 0, want["terminal"])
+    np.testing.assert_array_equal(np.asarray(rb.actions)[idx], want["action"])
+    # Uniform sampling only ever returns Dopamine-valid rows.
+    batch, good = script.replay_sample(rb, jax.random.PRNGKey(0), 256, n_step, gamma)
+    assert bool(good) and set(np.asarray(batch.index).tolist()) <= set(idx.tolist())
