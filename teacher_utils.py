@@ -1,19 +1,27 @@
 """Everything the QDagger scripts share about teachers.
 
-A *teacher* here is a Dopamine DQN agent from the public ``rl_checkpoints``
-bucket (``DQN_400/<Game>/<run>/``), the prior computation that Reincarnating RL
-(Agarwal et al., NeurIPS 2022) reuses.  This module reads those checkpoints with
-numpy and flax only -- no TensorFlow, no Dopamine -- and gives the teacher the
-exact inputs it was trained on.
+A *teacher* is the prior computation that Reincarnating RL (Agarwal et al.,
+NeurIPS 2022) reuses: by default a Dopamine DQN agent from the public
+``rl_checkpoints`` bucket (``DQN_400/<Game>/<run>/``), and also any earlier
+agent -- a student saved by our own scripts (``runs/<run_name>/``, chained
+reincarnation) or a CleanRL ``dqn_atari_jax.py`` model (a local file or
+``hf://<owner>/<repo>/<file>`` on the Hugging Face Hub).  This module reads
+those files with numpy and flax only -- no TensorFlow, no Dopamine -- and gives
+the teacher the exact inputs it was trained on.
 
 Public API
 ----------
 - :class:`DopamineNatureDQN` -- the teacher network (flax), envpool layout in.
+- :class:`CleanRLQNetwork` -- CleanRL's ``dqn_atari_jax.py`` Q-network (VALID
+  padding), for CleanRL teachers.
 - :func:`read_tf_checkpoint` -- pure-Python TensorFlow tensor-bundle reader.
 - :func:`load_jax_checkpoint` -- restricted (safe) unpickler for Dopamine's
   ``ckpt.<N>`` JAX checkpoints.
 - :func:`load_teacher` / :func:`load_teacher_params` -- find, load and check
-  the ``Online`` network of a run folder, checkpoint file or ``gs://`` address.
+  a teacher (:class:`TeacherCheckpoint`: params, network, ``q_values``,
+  architecture, env settings) from a Dopamine run folder, checkpoint file or
+  ``gs://`` address, a run folder of our scripts, or a CleanRL model file
+  (local or ``hf://``, :func:`download_hf`).
 - :func:`download_teacher` / :func:`download_gs` -- resumable, verified
   download from the bucket (or a mirror: ``REINCARNATE_BUCKET_URL``).
 - :func:`load_dopamine_replay` -- the teacher's own replay (Dopamine
@@ -35,6 +43,8 @@ import difflib
 import errno
 import hashlib
 import http.client
+import importlib
+import importlib.util
 import io
 import json
 import math
@@ -48,9 +58,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
+import flax.serialization
 import google_crc32c
 import jax
 import jax.numpy as jnp
@@ -63,6 +74,7 @@ __all__ = [
     "DownloadError",
     "EnvIdError",
     "DopamineNatureDQN",
+    "CleanRLQNetwork",
     "read_tf_checkpoint",
     "list_tf_checkpoint",
     "load_jax_checkpoint",
@@ -72,6 +84,7 @@ __all__ = [
     "expected_param_shapes",
     "download_teacher",
     "download_gs",
+    "download_hf",
     "DopamineReplay",
     "load_dopamine_replay",
     "list_bucket",
@@ -81,6 +94,7 @@ __all__ = [
     "make_teacher_envs",
     "DopamineAtariEnvs",
     "DOPAMINE_ENV_KWARGS",
+    "CLEANRL_ENV_KWARGS",
     "ATARI_SCORES",
     "random_score",
     "human_normalized_score",
@@ -143,6 +157,31 @@ def expected_param_shapes(num_actions: int) -> dict[str, dict[str, tuple[int, ..
         "Dense_0": {"kernel": (7744, 512), "bias": (512,)},
         "Dense_1": {"kernel": (512, num_actions), "bias": (num_actions,)},
     }
+
+
+class CleanRLQNetwork(nn.Module):
+    """CleanRL's ``dqn_atari_jax.py`` Q-network, parameter-compatible with its
+    ``.cleanrl_model`` files (``flax.serialization.to_bytes`` of its params).
+
+    Input: uint8 ``(B, 4, 84, 84)``, oldest frame first; output ``(B, num_actions)``.
+    The Nature DQN layer sizes with VALID padding, so the flatten size is
+    7*7*64 = 3,136; flax's default initialisers (only used if one trains it).
+    """
+
+    num_actions: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.transpose(x, (0, 2, 3, 1)).astype(jnp.float32) / 255.0
+        for i, (features, size, stride) in enumerate(((32, 8, 4), (64, 4, 2), (64, 3, 1))):
+            h = nn.relu(nn.Conv(features, (size, size), strides=(stride, stride), padding="VALID", name=f"Conv_{i}")(h))
+        h = nn.relu(nn.Dense(512, name="Dense_0")(h.reshape((h.shape[0], -1))))
+        return nn.Dense(self.num_actions, name="Dense_1")(h)
+
+
+def cleanrl_param_shapes(num_actions: int) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Shapes of every parameter of :class:`CleanRLQNetwork` (Dopamine's but for ``Dense_0``)."""
+    return {**expected_param_shapes(num_actions), "Dense_0": {"kernel": (3136, 512), "bias": (512,)}}
 
 
 # ----------------------------------------------------------------------------
@@ -563,24 +602,59 @@ _SENTINEL = "sentinel_checkpoint_complete."
 
 @dataclasses.dataclass
 class TeacherCheckpoint:
-    """A loaded teacher: where it came from and its ``Online`` parameters."""
+    """A loaded teacher: where it came from, its parameters, and how to run it.
+
+    ``q_values(params, obs)`` is the teacher's Q, whatever the teacher is; a script
+    should use it (and ``env_kwargs``) rather than assume Dopamine's network.
+    """
 
     path: Path
-    """The checkpoint file (JAX) or bundle prefix (TF) that was read."""
+    """The file (JAX pickle, model file) or bundle prefix (TF) that was read."""
     kind: str
-    """``"jax"`` (pickled ``ckpt.<N>``) or ``"tf"`` (tensor bundle ``tf_ckpt-<N>``)."""
+    """``"jax"`` (Dopamine's pickled ``ckpt.<N>``), ``"tf"`` (Dopamine's tensor bundle ``tf_ckpt-<N>``),
+    ``"student"`` (a model saved by qdagger_dqn_atari_jax.py / qdagger_rainbow_atari_jax.py) or
+    ``"cleanrl"`` (a CleanRL ``dqn_atari_jax.py`` model)."""
     iteration: int | None
-    """Dopamine iteration of the checkpoint, if known from its name."""
+    """Dopamine iteration of the checkpoint, if known (None for students and CleanRL models)."""
     naming: str
-    """Variable naming: ``"linen"``, ``"pre-linen"``, ``"tf-weights/biases"`` or ``"tf-kernel/bias"``."""
+    """Variable naming: ``"linen"``, ``"pre-linen"``, ``"tf-weights/biases"``, ``"tf-kernel/bias"`` or ``"flax-msgpack"``."""
     params: dict
-    """``{"params": {...}}`` for :class:`DopamineNatureDQN` (numpy arrays)."""
+    """``{"params": {...}}`` (numpy arrays) for ``network``; :class:`DopamineNatureDQN`'s for Dopamine teachers."""
     variables: dict[str, tuple[tuple[int, ...], str]]
     """Every variable in the file: name -> (shape, dtype)."""
+    network: nn.Module | None = None
+    """The flax module the params belong to (default: :class:`DopamineNatureDQN` sized by the params)."""
+    q_values: Callable[[Any, Any], jax.Array] | None = dataclasses.field(default=None, repr=False)
+    """``q_values(params, obs)``: uint8 ``(B, 4, 84, 84)`` -> float32 ``(B, num_actions)``, pure (jit it or call it
+    inside a jitted function). For a distributional (Rainbow) student: the expected Q over its atoms, without noise."""
+    architecture: str = "dopamine-nature-dqn"
+    """The network and the settings that decide its parameter shapes: ``"dopamine-nature-dqn"`` (Dopamine teachers and
+    our DQN-Nature students: the same class), ``"dqn-impala"``, ``"rainbow-<nature|impala>-<atoms>[-dueling][-noisy]"``,
+    ``"cleanrl-nature-dqn"``. Equal strings mean a student can start from these params (fine-tuning)."""
+    student_args: dict | None = None
+    """The ``args.json`` of the run that saved a student (all its flags), else None."""
+    env_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Overrides for :func:`make_teacher_envs` that give the teacher the inputs it was trained on: ``{}`` for Dopamine
+    teachers, the student's own env flags (``max_episode_steps``) for our students, :data:`CLEANRL_ENV_KWARGS` for CleanRL."""
+
+    def __post_init__(self) -> None:
+        if self.network is None:
+            self.network = DopamineNatureDQN(int(np.shape(self.params["params"]["Dense_1"]["bias"])[0]))
+        if self.q_values is None:
+            self.q_values = _plain_q_values(self.network)
 
     @property
     def num_actions(self) -> int:
-        return int(self.params["params"]["Dense_1"]["bias"].shape[0])
+        return int(self.network.num_actions)  # type: ignore[union-attr]
+
+
+def _plain_q_values(network: nn.Module) -> Callable[[Any, Any], jax.Array]:
+    """``q_values`` of a network whose output is Q itself."""
+
+    def q_values(params: Any, obs: Any) -> jax.Array:
+        return network.apply(params, obs).astype(jnp.float32)
+
+    return q_values
 
 
 def _checkpoint_iterations(names: Iterable[str]) -> dict[str, set[int]]:
@@ -650,7 +724,10 @@ def _resolve_checkpoint(source: Path, iteration: int | None) -> tuple[str, Path,
     if source.is_file():
         m = re.fullmatch(r"ckpt\.(\d+)(\.gz)?", source.name)
         return "jax", source, int(m[1]) if m else None
-    raise CheckpointError(f"teacher checkpoint {source} does not exist; pass a run folder (.../DQN_400/Breakout/1), a ckpt.<N> file, a tf_ckpt-<N> prefix or a gs:// address")
+    raise CheckpointError(
+        f"teacher checkpoint {source} does not exist; pass a Dopamine run folder (.../DQN_400/Breakout/1), a ckpt.<N> file, a tf_ckpt-<N> "
+        f"prefix or a gs:// address, a run folder of our scripts (runs/<run_name>/), a {MODEL_SUFFIX} file or an hf:// address"
+    )
 
 
 def _tf_online_params(tensors: Mapping[str, np.ndarray]) -> tuple[dict, str]:
@@ -698,25 +775,58 @@ def _check_shapes(params: dict, where: str, num_actions: int | None) -> None:
                 raise CheckpointError(f"{where}: {layer}/{k} has shape {got}, Dopamine's Nature DQN needs {shape}; this is not a DQN_400-style teacher")
             if np.asarray(p[layer][k]).dtype != np.float32:
                 raise CheckpointError(f"{where}: {layer}/{k} is {np.asarray(p[layer][k]).dtype}, expected float32")
-    if num_actions is not None and num_actions != ckpt_actions:
+    _check_num_actions(ckpt_actions, num_actions)
+
+
+def _check_num_actions(teacher_actions: int, num_actions: int | None, trained_on: str = "") -> None:
+    """The one-line error when the teacher's action count is not the environment's."""
+    if num_actions is not None and num_actions != teacher_actions:
         raise CheckpointError(
-            f"the teacher has {ckpt_actions} actions but the environment has {num_actions}: use the env id of the teacher's game "
-            f"(its minimal action set), or full_action_space=True if the teacher was trained with all 18 actions"
+            f"the teacher has {teacher_actions} actions but the environment has {num_actions}: use the env id of the teacher's game "
+            f"{trained_on}(its minimal action set), or full_action_space=True if the teacher was trained with all 18 actions"
         )
 
 
 def load_teacher(source: str | os.PathLike, num_actions: int | None = None, iteration: int | None = None, **download_kwargs: Any) -> TeacherCheckpoint:
-    """Find, load and check a Dopamine DQN teacher's ``Online`` network.
+    """Find, load and check a teacher; see :class:`TeacherCheckpoint` for what comes back.
 
-    ``source``: a run folder (``.../DQN_400/Breakout/1``), its ``checkpoints/``
-    folder, a ``ckpt.<N>`` file, a ``tf_ckpt-<N>`` prefix (or its ``.index``),
-    or a bucket address ``gs://rl_checkpoints/DQN_400/Breakout/1`` (downloaded
-    to the cache first; ``download_kwargs`` go to :func:`download_gs`).
+    ``source`` is one of
+
+    - a Dopamine DQN run: its folder (``.../DQN_400/Breakout/1``), its
+      ``checkpoints/`` folder, a ``ckpt.<N>`` file, a ``tf_ckpt-<N>`` prefix (or
+      its ``.index``), or a bucket address ``gs://rl_checkpoints/DQN_400/Breakout/1``
+      (downloaded to the cache first; ``download_kwargs`` go to :func:`download_gs`);
+      ``iteration`` picks the checkpoint (default: the latest complete one);
+    - a run folder of qdagger_dqn_atari_jax.py / qdagger_rainbow_atari_jax.py saved
+      with ``--save-model`` (``runs/<run_name>/``: ``args.json``,
+      ``<exp_name>.cleanrl_model``, ``q_probe.npz``), or its model file: the network
+      is rebuilt by the script's own ``make_student`` from ``args.json``, and the
+      loaded params must reproduce the Q-values of ``q_probe.npz``;
+    - a CleanRL ``dqn_atari_jax.py`` model (``<exp_name>.cleanrl_model``: flax
+      msgpack), a local file or folder or ``hf://<owner>/<repo>[@<revision>]/<file>``
+      (downloaded into the Hugging Face cache by :func:`download_hf`; ``download_kwargs``
+      ``cache_dir`` and ``base_url`` become its ``cache_dir`` and ``endpoint``).
+
+    A flax msgpack without ``args.json`` is recognised by its layers: CleanRL's
+    network (``Dense_0`` kernel (3136, 512)) or Dopamine's Nature DQN ((7744, 512):
+    a bare model of our DQN-Nature student).  ``num_actions``, if given, must be the
+    teacher's action count.
     """
     src = str(source)
-    if src.startswith("gs://"):
+    if src.startswith("hf://"):
+        hf_kwargs = {k: v for k, v in download_kwargs.items() if k not in ("progress", "include_replay")}
+        source = download_hf(src, **hf_kwargs)
+    elif src.startswith("gs://"):
         source = download_gs(src, iteration=iteration, **download_kwargs)
-    kind, path, it = _resolve_checkpoint(Path(source).expanduser(), iteration)
+    path = Path(source).expanduser()
+    flax_model = _flax_model_source(path)
+    if flax_model is not None:
+        model_file, run_args = flax_model
+        where = src if src.startswith("hf://") else str(path)
+        if iteration is not None:
+            raise CheckpointError(f"{where} is a single saved model, not a Dopamine run: iterations do not apply; omit the iteration")
+        return _load_flax_model(model_file, run_args, where, num_actions)
+    kind, path, it = _resolve_checkpoint(path, iteration)
     if kind == "tf":
         listing = list_tf_checkpoint(path)
         online = [n for n in listing if n.startswith("Online/") and "/Adam" not in n and "/RMSProp" not in n]
@@ -737,9 +847,320 @@ def load_teacher(source: str | os.PathLike, num_actions: int | None = None, iter
 
 
 def load_teacher_params(source: str | os.PathLike, num_actions: int | None = None, iteration: int | None = None, **download_kwargs: Any) -> dict:
-    """Params for :class:`DopamineNatureDQN` from a teacher (see :func:`load_teacher`),
-    already on the default JAX device."""
+    """The params of a teacher's network (see :func:`load_teacher`; :class:`DopamineNatureDQN`'s for a Dopamine
+    teacher), already on the default JAX device."""
     return jax.device_put(load_teacher(source, num_actions, iteration, **download_kwargs).params)
+
+
+# ----------------------------------------------------------------------------
+# Earlier agents as teachers: our students' run folders, CleanRL models, the Hub
+# ----------------------------------------------------------------------------
+MODEL_SUFFIX = ".cleanrl_model"
+_STUDENT_SCRIPTS = {"qdagger_dqn_atari_jax": "dqn", "qdagger_rainbow_atari_jax": "rainbow"}
+_PROBE_FILE = "q_probe.npz"
+_PROBE_TOL = 1e-4
+"""The reloaded params must give the probe's Q to this (times max(1, max |Q|))."""
+_PROBE_TF32_TOL = 1e-2
+"""Up to this (times max(1, max |Q|)) a difference is the arithmetic, not the params: JAX computes float32
+convolutions and matmuls in TensorFloat-32 on recent NVIDIA GPUs, so a probe saved there differs from a
+float32 CPU reload by about 1e-3 of the Q scale. Such a reload warns; a larger difference is an error."""
+
+CLEANRL_ENV_KWARGS: dict[str, Any] = dict(
+    repeat_action_probability=0.0,  # NoFrameskip-v4: no sticky actions
+    noop_max=30,  # NoopResetEnv(noop_max=30)
+    use_fire_reset=True,  # FireResetEnv on games with FIRE
+    episodic_life=False,  # see below
+    zero_stack_start=False,  # gym's FrameStack repeats the reset frame
+)
+"""What CleanRL's ``dqn_atari_jax.py`` agents were trained on, as :func:`make_teacher_envs` overrides.
+
+CleanRL wraps ``<Game>NoFrameskip-v4`` (no sticky actions, minimal action set) in
+up-to-30 no-op starts, max-and-skip 4, life-loss terminals, FIRE on reset, reward
+clipping, an INTER_AREA resize to 84x84, grayscale and a 4-frame stack whose
+older slots repeat the reset frame.  Its life-loss terminals only shape its
+training targets (it records and reports whole-game returns, counted before that
+wrapper), so evaluations and roll-outs here play whole games: ``episodic_life``
+stays False.  The episode cap is left to the caller (``max_episode_steps``)."""
+
+
+def _one_line(e: BaseException | str) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _flat_tree(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": x}}`` -> ``{"a/b": x}`` (dicts only; any other value is a leaf)."""
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat_tree(v, f"{prefix}{k}/"))
+        return out
+    return {prefix.rstrip("/"): tree}
+
+
+def _is_msgpack_model(path: Path) -> bool:
+    """A model file: named ``*.cleanrl_model``, or a file that starts as a msgpack map (flax's
+    ``to_bytes``).  A pickle's first byte is 0x80 followed by its protocol, never a map of >= 1 entries."""
+    if path.name.endswith(MODEL_SUFFIX):
+        return True
+    if re.fullmatch(r"tf_ckpt-\d+\.(index|data-\d+-of-\d+)|ckpt\.\d+(\.gz)?", path.name):
+        return False  # Dopamine's names: a tensor-data file may start with any byte
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+    except OSError:
+        return False
+    return bool(head) and (0x81 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF))
+
+
+def _read_run_args(folder: Path) -> dict:
+    f = folder / "args.json"
+    try:
+        args = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f} is not readable JSON ({_one_line(e)}); restore the args.json the script wrote into that run folder") from None
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{f} holds a JSON {type(args).__name__}, not the script's flags; restore the args.json the script wrote")
+    return args
+
+
+def _flax_model_source(path: Path) -> tuple[Path, dict | None] | None:
+    """(model file, args.json of its run or None) when ``path`` is a flax model rather than a Dopamine checkpoint."""
+    if path.is_dir():
+        if (path / "args.json").is_file():  # a run folder of our scripts (it may also hold resume checkpoints/)
+            args = _read_run_args(path)
+            exp = str(args.get("exp_name", ""))
+            model = path / f"{exp}{MODEL_SUFFIX}"
+            if not model.is_file():
+                others = sorted(path.glob(f"*{MODEL_SUFFIX}"))
+                if len(others) != 1:
+                    raise CheckpointError(
+                        f"run folder {path} has no {exp}{MODEL_SUFFIX}: the run was not saved with --save-model or has not finished; "
+                        f"pass a finished run saved with --save-model, or a model file"
+                    )
+                model = others[0]
+            return model, args
+        models = sorted(path.glob(f"*{MODEL_SUFFIX}"))
+        dopamine = (path / "checkpoints").is_dir() or any(re.fullmatch(r"(tf_)?ckpt[.-]\d+.*", p.name) for p in path.iterdir())
+        if len(models) == 1 and not dopamine:  # e.g. a CleanRL run folder: runs/<run_name>/dqn_atari_jax.cleanrl_model
+            return models[0], None
+        return None
+    if path.is_file() and _is_msgpack_model(path):
+        beside = path.parent / "args.json"
+        if beside.is_file():
+            args = _read_run_args(path.parent)
+            if f"{args.get('exp_name')}{MODEL_SUFFIX}" == path.name:
+                return path, args
+        return path, None
+    return None
+
+
+def _msgpack_state(path: Path, where: str) -> dict:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {where} ({e.strerror or e}); check the path and its permissions") from None
+    try:
+        state = flax.serialization.msgpack_restore(data)
+    except Exception as e:  # msgpack raises several unrelated types on bad input
+        raise CheckpointError(
+            f"{where} is not a readable flax msgpack model ({type(e).__name__}: {_one_line(e)}): the file is truncated or corrupt; "
+            f"save or download it again"
+        ) from None
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{where} holds a msgpack {type(state).__name__}, not flax parameters; pass a model saved with flax.serialization.to_bytes(params)")
+    return state
+
+
+def _file_listing(state: Mapping) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {name: (tuple(np.shape(v)), np.asarray(v).dtype.name) for name, v in _flat_tree(state).items()}
+
+
+def _student_script(args: Mapping, where: str) -> Any:
+    """The training script that wrote a run (imported lazily: it imports this module)."""
+    name = str(args.get("exp_name", ""))
+    if name not in _STUDENT_SCRIPTS:  # a run with its own --exp-name: its flags tell the scripts apart
+        name = "qdagger_rainbow_atari_jax" if "num_atoms" in args else "qdagger_dqn_atari_jax"
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise TeacherError(f"cannot import {name} to rebuild the student of {where} ({_one_line(e)}); install what it needs (pip install -e .)") from None
+    beside = Path(__file__).resolve().with_name(f"{name}.py")  # the scripts live next to this module
+    if not beside.is_file():
+        raise TeacherError(f"cannot import {name} to rebuild the student of {where}; run from the repository root (where {name}.py is) or put it on PYTHONPATH")
+    spec = importlib.util.spec_from_file_location(name, beside)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as e:
+        del sys.modules[name]
+        raise TeacherError(f"cannot import {beside} to rebuild the student of {where} ({type(e).__name__}: {_one_line(e)})") from None
+    return module
+
+
+def _head_actions(state: Mapping, layer: str, leaf: str, per_action: int, where: str) -> int:
+    try:
+        size = int(np.shape(state["params"][layer][leaf])[-1])
+    except (KeyError, TypeError, IndexError):
+        layers = sorted(state.get("params", state)) if isinstance(state.get("params", state), Mapping) else []
+        raise CheckpointError(
+            f"{where} has no params/{layer}/{leaf} (layers: {', '.join(map(str, layers)) or 'none'}): the model does not match its "
+            f"run's args.json; pass the run folder the model was saved in"
+        ) from None
+    if size % per_action:
+        raise CheckpointError(f"{where}: params/{layer}/{leaf} has {size} outputs, not a multiple of num_atoms {per_action} from args.json; pass the run folder the model was saved in")
+    return size // per_action
+
+
+def _student_network(args: Mapping, state: Mapping, where: str) -> tuple[nn.Module, Callable, str]:
+    """(network, q_values, architecture) of a student, built by its own script as it was trained."""
+    module = _student_script(args, where)
+    if _STUDENT_SCRIPTS.get(module.__name__) == "rainbow" or hasattr(module, "make_support"):
+        fields = {f.name for f in dataclasses.fields(module.Args)}
+        run_args = module.Args(**{k: v for k, v in args.items() if k in fields})
+        head = "advantage" if run_args.dueling else "logits"
+        A = _head_actions(state, head, "bias_mu" if run_args.noisy else "bias", int(run_args.num_atoms), where)
+        net = module.make_student(run_args, A)
+        support = jnp.asarray(module.make_support(run_args))
+        expected_q = module.expected_q
+
+        def q_values(params: Any, obs: Any) -> jax.Array:  # noise-free (key=None): the mean weights
+            return expected_q(net.apply(params, obs), support).astype(jnp.float32)
+
+        arch = f"rainbow-{run_args.network}-{run_args.num_atoms}" + ("-dueling" if run_args.dueling else "") + ("-noisy" if run_args.noisy else "")
+        return net, q_values, arch
+    network = str(args.get("network", "nature"))
+    A = _head_actions(state, "Dense_1", "bias", 1, where)
+    net = module.make_student(network, A)
+    arch = "dopamine-nature-dqn" if network == "nature" else f"dqn-{network}"
+    return net, _plain_q_values(net), arch
+
+
+def _fit_params(state: Mapping, net: nn.Module, arch: str, where: str, fix: str) -> dict:
+    """The params of ``net`` from a restored state dict, every name, shape and dtype checked."""
+    template = jax.eval_shape(net.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 4, 84, 84), jnp.uint8))
+    want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _flat_tree(flax.core.unfreeze(template)).items()}
+    got = _flat_tree(state)
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        detail = "; ".join(x for x in (f"missing {', '.join(missing[:4])}" if missing else "", f"unexpected {', '.join(extra[:4])}" if extra else "") if x)
+        raise CheckpointError(f"{where} does not fit the {arch} network ({detail}); {fix}")
+    for name, (shape, dtype) in want.items():
+        a = np.asarray(got[name])
+        if a.shape != shape or a.dtype != dtype:
+            raise CheckpointError(f"{where}: {name} is {a.dtype.name}{list(a.shape)}, the {arch} network needs {dtype.name}{list(shape)}; {fix}")
+    restored = flax.serialization.from_state_dict(flax.core.unfreeze(template), dict(state))
+    return jax.tree.map(np.array, restored)  # copies: writable, and not views pinning the file's bytes
+
+
+def _check_probe(ckpt: TeacherCheckpoint, probe_file: Path) -> None:
+    """The loaded params must reproduce the Q-values the script saved beside them."""
+    try:
+        with np.load(probe_file, allow_pickle=False) as z:
+            obs, q_saved = np.asarray(z["obs"]), np.asarray(z["q"], np.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{probe_file} is not a readable Q probe ({_one_line(e)}); restore it from the run or delete it to skip the check") from None
+    if obs.dtype != np.uint8 or obs.ndim != 4 or obs.shape[1:] != (4, 84, 84) or q_saved.shape != (obs.shape[0], ckpt.num_actions):
+        raise CheckpointError(
+            f"{probe_file} holds obs {obs.dtype.name}{list(obs.shape)} and Q {list(q_saved.shape)}, not uint8 [N, 4, 84, 84] and "
+            f"[N, {ckpt.num_actions}]: it belongs to another model; restore it from the run or delete it to skip the check"
+        )
+    q = np.asarray(ckpt.q_values(ckpt.params, obs))  # type: ignore[misc]
+    err = float(np.max(np.abs(q - q_saved), initial=0.0))
+    if not np.isfinite(err):
+        err = math.inf
+    scale = max(1.0, float(np.max(np.abs(q_saved), initial=0.0)))
+    if err <= _PROBE_TOL * scale:
+        return
+    if err <= _PROBE_TF32_TOL * scale:
+        import warnings
+
+        warnings.warn(f"{ckpt.path} reproduces {probe_file.name} only to {err:.2g} (max |Q| {scale:.3g}): reduced-precision (TF32) "
+                      f"GPU arithmetic where the probe was saved, not different params", stacklevel=3)
+        return
+    raise CheckpointError(
+        f"{ckpt.path} does not reproduce {probe_file} (max |dQ| = {err:.3g}, max |Q| = {scale:.3g}): the model file is corrupt or "
+        f"belongs to another run than this args.json; copy the run folder again"
+    )
+
+
+def _load_flax_model(model_file: Path, run_args: dict | None, where: str, num_actions: int | None) -> TeacherCheckpoint:
+    state = _msgpack_state(model_file, where)
+    listing = _file_listing(state)
+    if run_args is not None:
+        net, q_values, arch = _student_network(run_args, state, where)
+        fix = "pass the run folder the model was saved in, with its own args.json"
+        params = _fit_params(state, net, arch, where, fix)
+        env_kwargs = {k: run_args[k] for k in ("max_episode_steps",) if k in run_args}
+        ckpt = TeacherCheckpoint(path=model_file, kind="student", iteration=None, naming="flax-msgpack", params=params, variables=listing,
+                                 network=net, q_values=q_values, architecture=arch, student_args=dict(run_args), env_kwargs=env_kwargs)
+        env_id = run_args.get("env_id")
+        _check_num_actions(ckpt.num_actions, num_actions, f"(this student was trained on {env_id}) " if env_id else "")
+        if (model_file.parent / _PROBE_FILE).is_file():
+            _check_probe(ckpt, model_file.parent / _PROBE_FILE)
+        return ckpt
+    # No args.json: recognise the network by its layers.
+    p = state.get("params")
+    layers = p if isinstance(p, Mapping) else {}
+    try:
+        A = int(np.shape(layers["Dense_1"]["bias"])[0])
+        dense0 = tuple(np.shape(layers["Dense_0"]["kernel"]))
+    except (KeyError, TypeError, IndexError):
+        A, dense0 = 0, None
+    fix = ("pass a CleanRL dqn_atari_jax.py model (Dense_0 kernel (3136, 512)) or, for a run of qdagger_*_atari_jax.py, "
+           "its run folder (runs/<run_name>/ with args.json)")
+    if dense0 == (3136, 512):
+        net, kind, arch, env_kwargs = CleanRLQNetwork(A), "cleanrl", "cleanrl-nature-dqn", dict(CLEANRL_ENV_KWARGS)
+    elif dense0 == (7744, 512):
+        net, kind, arch, env_kwargs = DopamineNatureDQN(A), "student", "dopamine-nature-dqn", {}
+    else:
+        found = ", ".join(sorted(map(str, layers or state))) or "none"
+        raise CheckpointError(f"{where} is a flax model of an unknown network (layers: {found}; Dense_0 kernel {dense0}); {fix}")
+    params = _fit_params(state, net, arch, where, fix)
+    ckpt = TeacherCheckpoint(path=model_file, kind=kind, iteration=None, naming="flax-msgpack", params=params, variables=listing,
+                             network=net, architecture=arch, env_kwargs=env_kwargs)
+    _check_num_actions(ckpt.num_actions, num_actions)
+    return ckpt
+
+
+def download_hf(address: str, cache_dir: str | os.PathLike | None = None, *, base_url: str | None = None) -> Path:
+    """Download ``hf://<owner>/<repo>[@<revision>]/<path in the repo>`` with ``huggingface_hub.hf_hub_download``
+    into the Hugging Face cache (``cache_dir`` instead, if given; ``base_url`` replaces the Hub endpoint, as
+    ``HF_ENDPOINT`` does) and return the local file.  A file already in the cache loads offline."""
+    m = re.fullmatch(r"hf://([^/@]+/[^/@]+)(?:@([^/]+))?/(.+)", address)
+    if not m:
+        raise TeacherError(f"{address!r} is not a Hub file address; use hf://<owner>/<repo>/<file>, e.g. hf://cleanrl/Breakout-v5-dqn_atari_jax-seed1/dqn_atari_jax.cleanrl_model")
+    repo_id, revision, filename = m[1], m[2], m[3]
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    except ImportError:
+        raise TeacherError(f"{address} needs huggingface_hub: pip install huggingface_hub") from None
+    kwargs: dict[str, Any] = {"revision": revision}
+    if cache_dir is not None:
+        kwargs["cache_dir"] = str(Path(cache_dir).expanduser())
+    if base_url is not None:
+        kwargs["endpoint"] = base_url.rstrip("/")
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, **kwargs))
+    except LocalEntryNotFoundError:  # before EntryNotFoundError: it is one
+        raise DownloadError(f"{address}: the Hub cannot be reached and the file is not in the Hugging Face cache; connect (unset HF_HUB_OFFLINE) "
+                            f"and run again, or download the file and pass its local path") from None
+    except EntryNotFoundError:
+        raise DownloadError(f"{address}: no file {filename} in the Hub repo {repo_id} (HTTP 404); check the file name "
+                            f"(CleanRL's is <exp_name>.cleanrl_model, e.g. dqn_atari_jax.cleanrl_model)") from None
+    except RevisionNotFoundError:
+        raise DownloadError(f"{address}: the Hub repo {repo_id} has no revision {revision}; pass an existing branch, tag or commit after @") from None
+    except RepositoryNotFoundError:
+        raise DownloadError(f"{address}: no Hub repo {repo_id} (or it is private or gated); check the owner/repo, or log in with `hf auth login`") from None
+    except HfHubHTTPError as e:
+        raise DownloadError(f"{address}: the Hub answered {_one_line(e)}; try again later") from None
+    except (OSError, ValueError) as e:
+        raise DownloadError(f"{address}: download failed ({type(e).__name__}: {_one_line(e)})") from None
 
 
 # ----------------------------------------------------------------------------
@@ -1580,9 +2001,12 @@ class DopamineAtariEnvs:
     the reset frame).  Gymnasium 5-tuple API; observations (N, 4, 84, 84) uint8.
     envpool auto-resets: the step after a terminated/truncated one returns the
     first observation of a new episode (reward 0, the action ignored).
+
+    ``zero_stack_start=False`` (not an envpool option) keeps envpool's own stacks,
+    whose older slots repeat the reset frame, as gym's ``FrameStack`` (CleanRL).
     """
 
-    def __init__(self, env_id: str, num_envs: int, seed: int, **overrides: Any):
+    def __init__(self, env_id: str, num_envs: int, seed: int, zero_stack_start: bool = True, **overrides: Any):
         import envpool
 
         check_env_id(env_id)
@@ -1590,6 +2014,7 @@ class DopamineAtariEnvs:
             raise TeacherError(f"num_envs must be >= 1, got {num_envs}")
         kwargs = {**DOPAMINE_ENV_KWARGS, **overrides}
         self.stack_num = int(kwargs["stack_num"])
+        self.zero_stack_start = bool(zero_stack_start)
         self.envs = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, **kwargs)
         self.env_id = env_id
         self.num_envs = num_envs
@@ -1599,6 +2024,8 @@ class DopamineAtariEnvs:
         self.num_actions = int(self.single_action_space.n)
 
     def _zero_old_slots(self, obs: np.ndarray, elapsed: np.ndarray) -> np.ndarray:
+        if not self.zero_stack_start:
+            return obs
         # A state at episode step t holds min(t + 1, 4) real frames.
         slots = np.arange(self.stack_num)[None, :]
         stale = slots < (self.stack_num - 1 - np.asarray(elapsed)[:, None])
@@ -1618,15 +2045,18 @@ class DopamineAtariEnvs:
         self.envs.close()
 
 
-def make_teacher_envs(env_id: str, num_envs: int, seed: int, **overrides: Any) -> DopamineAtariEnvs:
+def make_teacher_envs(env_id: str, num_envs: int, seed: int, zero_stack_start: bool = True, **overrides: Any) -> DopamineAtariEnvs:
     """envpool Atari configured as Dopamine trained its DQN teachers.
 
     Sticky actions 0.25, no no-op starts, no FIRE on reset, no life-loss
     terminals, 27,000-step cap, zeroed older stack slots at episode start.
     ``overrides`` replace any envpool option (e.g.
-    ``repeat_action_probability=0.0`` for deterministic comparisons).
+    ``repeat_action_probability=0.0`` for deterministic comparisons);
+    ``zero_stack_start=False`` repeats the reset frame in the older slots
+    instead.  A teacher's own settings are ``make_teacher_envs(env_id, n, seed,
+    **teacher.env_kwargs)`` (:attr:`TeacherCheckpoint.env_kwargs`).
     """
-    return DopamineAtariEnvs(env_id, num_envs, seed, **overrides)
+    return DopamineAtariEnvs(env_id, num_envs, seed, zero_stack_start=zero_stack_start, **overrides)
 
 
 # ----------------------------------------------------------------------------
@@ -1709,6 +2139,166 @@ def available_host_memory() -> int:
     return avail
 
 
+class RunError(TeacherError):
+    """A problem with the run folder, a checkpoint or the machine that the user can fix; one line."""
+
+
+def default_run_name(env_id: str, exp_name: str, method: str, seed: int) -> str:
+    """``{env_id}__{exp_name}__{method}__{seed}__{start time}-{random}``: game, method and seed visible, and two
+    runs started in the same second (a sweep, a launcher) still get different folders."""
+    import secrets
+
+    return f"{env_id}__{exp_name}__{method}__{seed}__{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def check_output_folder(folder: Path, need_bytes: int, what: str) -> None:
+    """The run folder exists, is writable, and its disk has room for ``need_bytes`` (a checkpoint): one error line
+    before any work is spent, never a traceback hours later."""
+    import shutil
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to {folder} ({e.strerror or e}); run from a writable folder or fix its permissions") from None
+    free = shutil.disk_usage(folder).free
+    if need_bytes > free:
+        raise RunError(f"{what} need {need_bytes / 2**30:.1f} GiB on disk but {folder} has {free / 2**30:.1f} GiB free; "
+                       f"free some space, pass --checkpoint-frequency 0 (no checkpoints) or a smaller --buffer-size")
+
+
+def check_wandb(track: bool) -> None:
+    """With --track, a missing W&B login is one error line before any work (offline/disabled modes need none)."""
+    if not track or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        import wandb
+
+        if wandb.Api().api_key:
+            return
+    except Exception:  # noqa: BLE001 - any failure here means "not logged in"
+        pass
+    raise RunError("--track needs a Weights & Biases login: run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to log locally")
+
+
+# A checkpoint is a folder of .npy arrays (no pickle) and meta.json (counters, schedules, keys' sources, the
+# crc32c of every array file), written under a temporary name, fsynced, completed by a sentinel file, then
+# renamed into place; older ones are deleted only after that.
+CHECKPOINT_SENTINEL = "COMPLETE"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _crc32c_of_file(path: Path) -> str:
+    crc = google_crc32c.Checksum()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK * 16):
+            crc.update(chunk)
+    return crc.hexdigest().decode()
+
+
+def write_checkpoint(root: Path, seq: int, arrays: Mapping[str, Any], meta: Mapping[str, Any], keep: int) -> Path:
+    """Write ``root/ckpt-<seq>`` atomically (see above) and keep the ``keep`` newest complete checkpoints."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"ckpt-{seq:06d}"
+    tmp = root / f".tmp-ckpt-{seq:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {}
+    try:
+        for name, value in arrays.items():
+            a = np.asarray(value)
+            a = np.ascontiguousarray(a).reshape(a.shape)  # (ascontiguousarray makes a 0-d array 1-d)
+            path = tmp / f"{name}.npy"
+            with open(path, "wb") as f:
+                np.save(f, a, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            files[name] = _crc32c_of_file(path)
+        (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=1))
+        (tmp / CHECKPOINT_SENTINEL).write_text("done")
+        for p in (tmp / "meta.json", tmp / CHECKPOINT_SENTINEL, tmp):
+            _fsync(p)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"could not write a checkpoint to {final} ({e.strerror or e}); free disk space or pass --checkpoint-frequency 0") from None
+    complete = sorted(p for p in root.glob("ckpt-*") if (p / CHECKPOINT_SENTINEL).is_file())
+    for old in complete[: max(len(complete) - keep, 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-ckpt-*"):  # left by a killed writer
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint whose files all match their crc32c; a corrupt one is skipped with a
+    warning (the previous one is used), an incomplete one (no sentinel: a writer killed midway) silently."""
+    for ckpt in sorted((p for p in root.glob("ckpt-*") if (p / CHECKPOINT_SENTINEL).is_file()), reverse=True):
+        try:
+            meta = json.loads((ckpt / "meta.json").read_text())
+            bad = [n for n, crc in meta["files"].items() if _crc32c_of_file(ckpt / f"{n}.npy") != crc]
+        except (OSError, ValueError, KeyError) as e:
+            bad = [f"meta.json ({e})"]
+        if not bad:
+            return ckpt, meta
+        print(f"warning: checkpoint {ckpt} is corrupt ({', '.join(bad[:3])} {'fails its' if len(bad) == 1 else 'fail their'} check); resuming from the previous one",
+              file=sys.stderr)
+    return None
+
+
+def read_checkpoint_array(ckpt: Path, name: str) -> np.ndarray:
+    return np.load(ckpt / f"{name}.npy", allow_pickle=False)
+
+
+class Interrupt:
+    """SIGINT/SIGTERM set ``requested``: the training loop finishes its step, checkpoints and exits. A second
+    signal exits at once."""
+
+    def __init__(self):
+        import signal
+
+        self.requested: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        import signal
+
+        if self.requested:
+            print(f"\n{signal.Signals(signum).name} again: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: finishing this step and writing a checkpoint (send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def params_digest(params: Any) -> str:
+    """A short hash of a parameter tree's values: the teacher's identity in a checkpoint."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
@@ -1734,10 +2324,11 @@ class Download:
 
 @dataclasses.dataclass
 class Inspect:
-    """Show what a teacher checkpoint holds: kind, iteration, variables, actions."""
+    """Show what a teacher holds: kind, architecture, env settings, iteration, variables, actions."""
 
     path: tyro.conf.Positional[str]
-    """A run folder, its checkpoints/ folder, a ckpt.<N> file, a tf_ckpt-<N> prefix or a gs:// address."""
+    """A Dopamine run folder, its checkpoints/ folder, a ckpt.<N> file, a tf_ckpt-<N> prefix or a gs:// address;
+    a run folder of our scripts (runs/<run_name>/); a .cleanrl_model file or an hf://<owner>/<repo>/<file> address."""
     iteration: int | None = None
     """Iteration to inspect; default: the latest complete one."""
 
@@ -1752,12 +2343,18 @@ def _cli_inspect(cmd: Inspect) -> None:
     t = load_teacher(cmd.path, iteration=cmd.iteration)
     print(f"path:        {t.path}")
     print(f"kind:        {t.kind} ({t.naming})")
+    print(f"architecture: {t.architecture}")
     print(f"iteration:   {t.iteration}")
     print(f"num_actions: {t.num_actions}")
-    print("network (DopamineNatureDQN params):")
-    for layer, leaves in t.params["params"].items():
-        for k, v in leaves.items():
-            print(f"  {layer}/{k:<7} {str(tuple(v.shape)):<18} {v.dtype}")
+    overrides = ", ".join(f"{k}={v!r}" for k, v in t.env_kwargs.items())
+    print(f"env settings: Dopamine's protocol{' with ' + overrides if overrides else ''} (make_teacher_envs(..., **env_kwargs))")
+    if t.student_args is not None:
+        a = t.student_args
+        print(f"trained by:  {a.get('exp_name')} on {a.get('env_id')} (method {a.get('method', '?')}, seed {a.get('seed', '?')})")
+    print(f"network ({type(t.network).__name__} params):")
+    for name, v in _flat_tree(t.params.get("params", t.params)).items():
+        layer, _, k = name.rpartition("/")
+        print(f"  {layer}/{k:<7} {str(tuple(np.shape(v))):<18} {np.asarray(v).dtype}")
     print(f"variables in file ({len(t.variables)}):")
     for name, (shape, dtype) in sorted(t.variables.items()):
         print(f"  {name:<48} {str(tuple(shape)):<18} {dtype}")
@@ -1777,4 +2374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The training scripts (imported to rebuild a student teacher) `import teacher_utils`: let them find this
+    # module rather than execute a second copy with its own classes.
+    sys.modules.setdefault("teacher_utils", sys.modules[__name__])
     sys.exit(main())
