@@ -28,10 +28,10 @@ import dataclasses
 import functools
 import json
 import os
-import random
 import sys
 import time
-from typing import Literal, NamedTuple
+from pathlib import Path
+from typing import Callable, Literal, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -106,8 +106,8 @@ class Args:
     """offline data: `rollout` rolls out the teacher with envpool (`teacher_steps` transitions); `dopamine-replay` loads the teacher's own last 1M-transition Dopamine replay (the official code's main setting: use it to reproduce the paper's numbers); `both` appends roll-outs to that replay"""
     teacher_steps: int = 1_000_000
     """transitions collected by rolling out the teacher (rollout/both)"""
-    teacher_epsilon: float = 0.01
-    """exploration of the teacher roll-out (the teacher's own late-training epsilon)"""
+    teacher_epsilon: float = 0.001
+    """exploration of the teacher roll-out (the reference's teacher acts in eval mode: Dopamine's epsilon_eval 0.001)"""
 
     # QDagger
     offline_steps: int = 1_000_000
@@ -202,8 +202,8 @@ class Args:
     """gradient updates between loss logs"""
 
     # Speed (no effect on the results)
-    updates_per_call: int = 100
-    """offline updates fused in one jitted call (lax.scan); the results equal one update per call"""
+    updates_per_call: int | None = None
+    """offline updates fused in one jitted call (lax.scan); the results equal one update per call; default 100 on an accelerator, 8 on a CPU (written out one after the other there: XLA:CPU runs convolutions inside a loop ~7x slower)"""
     replay_on_host: bool = False
     """keep the replay buffers in host memory (the same jitted functions placed on the CPU device) when they do not fit the accelerator"""
     overlap_env: bool = True
@@ -217,14 +217,24 @@ class ConfigError(ValueError):
 def check_args(args: Args) -> None:
     positive = ["num_envs", "eval_num_envs", "max_episode_steps", "total_timesteps", "buffer_size", "batch_size", "n_step",
                 "target_network_frequency", "train_frequency", "eval_frequency", "eval_steps", "log_frequency",
-                "epsilon_decay_steps", "updates_per_call"]
+                "epsilon_decay_steps"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
     for name in ["teacher_steps", "offline_steps", "learning_starts", "distill_coef", "distill_decay_period", "td_coef",
-                 "offline_eval_frequency"]:
+                 "offline_eval_frequency", "cql_coef", "margin_coef", "margin", "jsrl_max_roll_in_steps", "jsrl_roll_in_decay",
+                 "epsilon_warmup_steps", "checkpoint_minutes"]:
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    for name in ["cql_temperature", "jsrl_decay_period", "keep_checkpoints"]:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
+    if args.online_learning_rate is not None and args.online_learning_rate <= 0:
+        raise ConfigError(f"--online-learning-rate must be > 0 (got {args.online_learning_rate})")
+    if args.checkpoint_frequency is not None and args.checkpoint_frequency < 0:
+        raise ConfigError(f"--checkpoint-frequency must be >= 0 (got {args.checkpoint_frequency}; 0 disables checkpoints)")
+    if args.updates_per_call is not None and args.updates_per_call <= 0:
+        raise ConfigError(f"--updates-per-call must be > 0 (got {args.updates_per_call})")
     if args.eval_episodes is not None and args.eval_episodes <= 0:
         raise ConfigError(f"--eval-episodes must be > 0 (got {args.eval_episodes})")
     if args.temperature <= 0:
@@ -233,7 +243,7 @@ def check_args(args: Args) -> None:
         raise ConfigError(f"--teacher-steps {args.teacher_steps} is too few to sample batches of {args.batch_size} for --offline-steps; collect more or pass --offline-steps 0")
     if args.buffer_size < max(args.learning_starts, args.batch_size + (args.n_step + 4) * args.num_envs):
         raise ConfigError(f"--buffer-size {args.buffer_size} is smaller than what the online phase needs (--learning-starts {args.learning_starts}, a batch of {args.batch_size}); raise it")
-    for name in ["start_e", "end_e", "eval_epsilon", "teacher_epsilon"]:
+    for name in ["start_e", "end_e", "eval_epsilon", "teacher_epsilon", "rehearsal_ratio", "jsrl_guide_prob"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")
 
@@ -478,6 +488,31 @@ def lambda_learning_rate(lam: float, start_lr: float, end_lr: float) -> float:
     return lam * start_lr + (1.0 - lam) * end_lr
 
 
+def jsrl_teacher_share(guide_prob: float, decay_period: int, training_steps: int) -> float:
+    """JSRL: the teacher's probability of acting after the roll-in, guide_prob decaying linearly to 0 over decay_period
+    training steps (the reference's roll_out_decay_fn: persistence_linearly_decaying_epsilon with epsilon 0)."""
+    return guide_prob * min(max((decay_period - training_steps) / decay_period, 0.0), 1.0)
+
+
+def jsrl_use_teacher(ep_t: np.ndarray, roll_in: np.ndarray, roll_in_guide: bool, share: float, u: np.ndarray) -> np.ndarray:
+    """JSRL, per env: during the roll-in (the first roll_in[i] steps of its episode) the teacher acts only with
+    roll_in_guide (the reference's LOLSDQNAgent: roll_in_guide, default False: the student rolls in); after it, the
+    teacher acts when the uniform draw u <= share."""
+    return np.where(ep_t < roll_in, roll_in_guide, u <= share)
+
+
+def online_schedule(args: "Args", lam: float, student_return: float | None, teacher_return: float | None, random_return: float,
+                    online_steps: int) -> tuple[float, float, str]:
+    """(lambda, learning rate, reason) after an online evaluation, as the method runs them: lambda follows the
+    student's teacher-normalized score (or stays 1: --no-decay-lambda, dagger, ql-dagger; no teacher: tabula rasa);
+    the learning rate follows lambda, or is constant (--online-learning-rate)."""
+    reason = ""
+    if args.decay_lambda and args.method != "tabula-rasa":
+        lam, reason = distill_lambda_update(lam, student_return, teacher_return, random_return, online_steps, args.distill_decay_period,
+                                            args.clip_lambda)
+    return lam, args.online_learning_rate or lambda_learning_rate(lam, args.learning_rate, args.end_learning_rate), reason
+
+
 def nstep_td_target(returns: jax.Array, discounts: jax.Array, next_q_target: jax.Array) -> jax.Array:
     """R_t^(n) + gamma^L (1 - done) max_a Q_target(s_{t+L}, a)."""
     return returns + discounts * jnp.max(next_q_target, axis=-1)
@@ -491,15 +526,36 @@ def distillation_loss(teacher_q: jax.Array, student_q: jax.Array, temperature: f
     return jnp.mean(jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1))
 
 
+def cql_loss(q: jax.Array, actions: jax.Array, temperature: float) -> jax.Array:
+    """CQL(H) regulariser as the reference's batch_cql_loss: mean_batch logsumexp(q / tau) - q(s, a) / tau."""
+    q = q / temperature
+    return jnp.mean(jax.nn.logsumexp(q, axis=-1) - jnp.take_along_axis(q, actions[:, None], axis=-1)[:, 0])
+
+
+def margin_loss(q: jax.Array, expert_actions: jax.Array, margin: float) -> jax.Array:
+    """Large-margin loss toward the expert's action a_E, as the reference's margin_loss with dqfd_margin=False:
+    mean over states and actions of max(q(s, a) + margin [a != a_E] - q(s, a_E), 0)."""
+    l_margin = margin * (1.0 - jax.nn.one_hot(expert_actions, q.shape[-1]))
+    q_expert = jnp.take_along_axis(q, expert_actions[:, None], axis=-1)
+    return jnp.mean(jnp.maximum(q + l_margin - q_expert, 0.0))
+
+
 def qdagger_dqn_loss(q: jax.Array, actions: jax.Array, td_target: jax.Array, teacher_q: jax.Array,
-                     distill_weight: jax.Array, temperature: float, td_weight: float = 1.0) -> tuple[jax.Array, dict]:
-    """L = td_weight * Huber(Q(s, a) - target) + lambda * c * KL; distill_weight is lambda * c."""
+                     distill_weight: jax.Array, temperature: float, td_weight: float = 1.0, cql_weight: float = 0.0,
+                     cql_temperature: float = 0.1, margin_weight: float = 0.0, margin: float = 1.0,
+                     loss: str = "huber") -> tuple[jax.Array, dict]:
+    """L = td_weight * TD + lambda * c * KL + cql_weight * CQL + margin_weight * margin loss (toward the teacher's
+    greedy action); distill_weight is lambda * c. TD is Huber (delta 1) or squared error on Q(s, a)."""
     q_taken = jnp.take_along_axis(q, actions[:, None], axis=-1)[:, 0]
-    td_loss = jnp.mean(optax.huber_loss(q_taken, jax.lax.stop_gradient(td_target), delta=1.0))
-    # With lambda * c = 0 the teacher is not queried (teacher_q is a placeholder): log 0.
+    td_target = jax.lax.stop_gradient(td_target)
+    td_loss = jnp.mean(optax.huber_loss(q_taken, td_target, delta=1.0) if loss == "huber" else (td_target - q_taken) ** 2)
+    # A term whose weight is 0 is logged as 0 (the teacher is not even queried then: teacher_q is a placeholder).
     distill = jnp.where(distill_weight > 0, distillation_loss(teacher_q, q, temperature), 0.0)
-    loss = td_weight * td_loss + distill_weight * distill
-    return loss, {"td_loss": td_loss, "distill_loss": distill, "loss": loss, "q_values": jnp.mean(q_taken)}
+    cql = jnp.where(cql_weight > 0, cql_loss(q, actions, cql_temperature), 0.0)
+    marg = jnp.where(margin_weight > 0, margin_loss(q, jnp.argmax(jax.lax.stop_gradient(teacher_q), axis=-1), margin), 0.0)
+    total = td_weight * td_loss + distill_weight * distill + cql_weight * cql + margin_weight * marg
+    return total, {"td_loss": td_loss, "distill_loss": distill, "cql_loss": cql, "margin_loss": marg, "loss": total,
+                   "q_values": jnp.mean(q_taken)}
 
 
 class QState(TrainState):
@@ -511,19 +567,21 @@ class Coefs(NamedTuple):
 
     td: jax.Array
     distill: jax.Array  # lambda * c
+    cql: jax.Array
+    margin: jax.Array  # lambda * margin_coef
     lr: jax.Array
 
 
-def coefs(td: float, distill: float, lr: float) -> Coefs:
-    return Coefs(jnp.float32(td), jnp.float32(distill), jnp.float32(lr))
+def coefs(td: float, distill: float, lr: float, cql: float = 0.0, margin: float = 0.0) -> Coefs:
+    return Coefs(jnp.float32(td), jnp.float32(distill), jnp.float32(cql), jnp.float32(margin), jnp.float32(lr))
 
 
 def sync_target(state: QState, now) -> QState:
     return state.replace(target_params=jax.tree.map(lambda t, p: jnp.where(now, p, t), state.target_params, state.params))
 
 
-def make_update(student: nn.Module, temperature: float):
-    """One QDagger gradient step on a batch: (state, batch, teacher_q, coefs) -> (state, metrics)."""
+def make_update(student: nn.Module, temperature: float, cql_temperature: float = 0.1, margin: float = 1.0, loss: str = "huber"):
+    """One gradient step on a batch: (state, batch, teacher_q, coefs) -> (state, metrics)."""
 
     def update(state: QState, batch: Batch, teacher_q, c: Coefs):
         next_q_target = student.apply(state.target_params, batch.next_obs)
@@ -531,7 +589,8 @@ def make_update(student: nn.Module, temperature: float):
 
         def loss_fn(params):
             q = student.apply(params, batch.obs)
-            return qdagger_dqn_loss(q, batch.actions, td_target, teacher_q, c.distill, temperature, c.td)
+            return qdagger_dqn_loss(q, batch.actions, td_target, teacher_q, c.distill, temperature, c.td, c.cql, cql_temperature,
+                                    c.margin, margin, loss)
 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
         state.opt_state.hyperparams["learning_rate"] = c.lr
@@ -540,13 +599,13 @@ def make_update(student: nn.Module, temperature: float):
     return update
 
 
-def make_act(network: nn.Module):
-    """Epsilon-greedy actions, the Q-values they came from, and the next PRNG key
-    (split inside the jit: one dispatch per env step)."""
+def make_act(q_fn):
+    """Epsilon-greedy actions, the Q-values they came from, and the next PRNG key (split inside the jit: one
+    dispatch per env step); q_fn(params, obs) -> (B, A) Q-values."""
 
     @jax.jit
     def act(params, obs, key, epsilon):
-        q = network.apply(params, obs)
+        q = q_fn(params, obs)
         greedy = jnp.argmax(q, axis=-1)
         key, k1, k2 = jax.random.split(key, 3)
         explore = jax.random.uniform(k1, greedy.shape) < epsilon
@@ -556,28 +615,85 @@ def make_act(network: nn.Module):
     return act
 
 
+def make_act_jsrl(student_q_fn, teacher_q_fn):
+    """JSRL's acting (the reference's LOLSDQNAgent): per env, the teacher's greedy action where `use_teacher`, else
+    the student's epsilon-greedy one. Returns (actions, key)."""
+
+    @jax.jit
+    def act(student_params, teacher_params, obs, key, epsilon, use_teacher):
+        key, k1, k2 = jax.random.split(key, 3)
+        q = student_q_fn(student_params, obs)
+        explore = jax.random.uniform(k1, q.shape[:1]) < epsilon
+        student = jnp.where(explore, jax.random.randint(k2, q.shape[:1], 0, q.shape[-1]), jnp.argmax(q, axis=-1))
+        return jnp.where(use_teacher, jnp.argmax(teacher_q_fn(teacher_params, obs), axis=-1), student), key
+
+    return act
+
+
+def on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def cond(pred, true_fn, false_fn, *operands):
+    """lax.cond, except on XLA:CPU, where a convolution inside a conditional or a loop runs ~7x slower than
+    outside (jax-ml/jax#12868): there both branches run and the result is selected."""
+    if not on_cpu():
+        return jax.lax.cond(pred, true_fn, false_fn, *operands)
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), true_fn(*operands), false_fn(*operands))
+
+
+def fused_scan(body, carry, k: int):
+    """lax.scan(body, carry, arange(k)) on accelerators; on XLA:CPU the k steps are written out one after the other
+    (no loop at all: a loop of even one trip slows the convolutions in it ~7x there)."""
+    if not on_cpu():
+        return jax.lax.scan(body, carry, jnp.arange(k))
+    outs = []
+    for i in range(k):
+        carry, out = body(carry, jnp.int32(i))
+        outs.append(out)
+    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
 class Learner(NamedTuple):
     """The jitted hot paths of the offline and online phases, built from the pure functions above."""
 
-    offline: callable  # (state, teacher_rb, key, step0, n, coefs) -> (state, key, metrics (K, ...))
-    online: callable  # (state, rb, key, transition..., n_updates, sync, coefs, teacher_params) -> (state, rb, key, metrics)
+    offline: callable  # (state, teacher_rb, key, step0, k, n, coefs) -> (state, key, metrics (k, ...))
+    online: callable  # (state, rb, teacher_rb, key, transition..., sync, coefs, teacher_params, n_updates=) -> (state, rb, key, metrics)
     add: callable  # (rb, first_stream, transition...) -> rb
-    sample: callable  # (rb, key) -> (batch, ok)
-    update: callable  # (state, batch, teacher_q, coefs) -> (state, metrics)
+    sample: callable  # (rb, teacher_rb, key) -> (batch, ok, rehearsal share): an online batch
+    update: callable  # (state, batch, teacher_params, coefs) -> (state, metrics)
 
 
-def make_learner(args: Args, student: nn.Module, teacher: nn.Module | None, num_actions: int) -> Learner:
-    update = make_update(student, args.temperature)
+METRICS = ("td_loss", "distill_loss", "cql_loss", "margin_loss", "loss", "q_values", "rehearsal_share")
+
+
+def make_learner(args: Args, student: nn.Module, teacher_q_fn, num_actions: int) -> Learner:
+    """teacher_q_fn(params, obs) -> (B, A) is the teacher's Q (None: no teacher)."""
+    update = make_update(student, args.temperature, args.cql_temperature, args.margin, args.loss)
     sample = functools.partial(replay_sample, batch_size=args.batch_size, n_step=args.n_step, gamma=args.gamma)
     offline_target_every = max(args.target_network_frequency // args.train_frequency, 1)
-    zero_metrics = {k: jnp.float32(0) for k in ("td_loss", "distill_loss", "loss", "q_values")} | {"sample_ok": jnp.bool_(True)}
+    zero_metrics = {k: jnp.float32(0) for k in METRICS} | {"sample_ok": jnp.bool_(True)}
 
-    def teacher_q_of(teacher_params, obs, distill):
-        # The teacher runs only while its loss counts (lambda * c > 0).
-        if teacher is None:
-            return jnp.zeros((obs.shape[0], num_actions), jnp.float32)
-        return jax.lax.cond(distill > 0, lambda: teacher.apply(teacher_params, obs),
-                            lambda: jnp.zeros((obs.shape[0], num_actions), jnp.float32))
+    def teacher_q_of(teacher_params, obs, c: Coefs):
+        # The teacher runs only while a loss term uses it (lambda * c > 0 or a margin weight > 0).
+        zeros = jnp.zeros((obs.shape[0], num_actions), jnp.float32)
+        if teacher_q_fn is None:
+            return zeros
+        return cond((c.distill > 0) | (c.margin > 0), lambda: teacher_q_fn(teacher_params, obs), lambda: zeros)
+
+    def sample_online(rb, trb, key):
+        """A batch of the student's replay; with rehearsal, each sample independently drawn from the teacher data
+        with probability rehearsal_ratio (the reference's teacher_data_ratio mixing)."""
+        if trb is None:
+            batch, ok = sample(rb, key)
+            return batch, ok, jnp.float32(0)
+        k_rb, k_teacher, k_pick = jax.random.split(key, 3)
+        batch, ok = sample(rb, k_rb)
+        rehearsed, ok_teacher = sample(trb, k_teacher)
+        pick = jax.random.uniform(k_pick, (args.batch_size,)) < args.rehearsal_ratio
+        rehearsed = rehearsed._replace(teacher_q=batch.teacher_q)  # the teacher is queried on the mixed batch
+        mixed = jax.tree.map(lambda t, o: jnp.where(pick.reshape((-1,) + (1,) * (o.ndim - 1)), t, o), rehearsed, batch)
+        return mixed, ok & ok_teacher, jnp.mean(pick.astype(jnp.float32))
 
     @functools.partial(jax.jit, donate_argnums=0, static_argnums=4)
     def offline(state, trb, key, step0, k, n, c: Coefs):
@@ -590,42 +706,41 @@ def make_learner(args: Args, student: nn.Module, teacher: nn.Module | None, num_
                 batch, ok = sample(trb, sk)
                 state, m = update(state, batch, batch.teacher_q, c)
                 state = sync_target(state, (step0 + i + 1) % offline_target_every == 0)
-                return (state, key), m | {"sample_ok": ok}
+                return (state, key), m | {"rehearsal_share": jnp.float32(0), "sample_ok": ok}
 
-            return jax.lax.cond(i < n, step, lambda carry: (carry, zero_metrics), carry)
+            return cond(i < n, step, lambda carry: (carry, zero_metrics), carry)
 
-        (state, key), metrics = jax.lax.scan(body, (state, key), jnp.arange(k))
+        (state, key), metrics = fused_scan(body, (state, key), k)
         return state, key, metrics
 
-    def online_step(state, rb, key, frames, actions, rewards, terminated, truncated, next_frames, n_updates, sync, c: Coefs, teacher_params):
-        """Store one vector step, then run the n_updates (traced) updates due after it and the target sync."""
+    def online_step(state, rb, trb, key, frames, actions, rewards, terminated, truncated, next_frames, sync, c: Coefs, teacher_params,
+                    n_updates: int):
+        """Store one vector step, then run the n_updates (static: it takes at most three values, 0 during the
+        warm-up, then the floor and ceiling of num_envs / train_frequency) updates due after it, and the target sync."""
         rb = replay_add(rb, 0, frames, actions, rewards, terminated, truncated, next_frames)
-
-        def one(_, carry):
-            state, key, _ = carry
+        metrics = zero_metrics
+        for _ in range(n_updates):
             key, sk = jax.random.split(key)
-            batch, ok = sample(rb, sk)
-            state, m = update(state, batch, teacher_q_of(teacher_params, batch.obs, c.distill), c)
-            return state, key, m | {"sample_ok": ok}
-
-        state, key, metrics = jax.lax.fori_loop(0, n_updates, one, (state, key, zero_metrics))
+            batch, ok, share = sample_online(rb, trb, sk)
+            state, m = update(state, batch, teacher_q_of(teacher_params, batch.obs, c), c)
+            metrics = m | {"rehearsal_share": share, "sample_ok": ok}
         return sync_target(state, sync), rb, key, metrics
 
-    return Learner(offline=offline, online=jax.jit(online_step, donate_argnums=(0, 1)),
-                   add=jax.jit(replay_add, donate_argnums=0, static_argnums=1), sample=jax.jit(sample),
-                   update=jax.jit(lambda s, b, tp, c: update(s, b, teacher_q_of(tp, b.obs, c.distill), c)))
+    return Learner(offline=offline, online=jax.jit(online_step, donate_argnums=(0, 1), static_argnames="n_updates"),
+                   add=jax.jit(replay_add, donate_argnums=0, static_argnums=1), sample=jax.jit(sample_online),
+                   update=jax.jit(lambda s, b, tp, c: update(s, b, teacher_q_of(tp, b.obs, c), c)))
 
 
-def learn_on_host_replay(learner: Learner, state, rb, key, transition, n_updates: int, sync: bool, c: Coefs, teacher_params, compute_device):
+def learn_on_host_replay(learner: Learner, state, rb, trb, key, transition, n_updates: int, sync: bool, c: Coefs, teacher_params, compute_device):
     """`Learner.online` split for --replay-on-host: the buffer functions run where the buffer lives (the CPU), the
     update on the accelerator; the same pure functions and PRNG keys, so the results are the same."""
     rb = learner.add(rb, 0, *transition)
     metrics = None
     for _ in range(n_updates):
         key, sk = jax.random.split(key)
-        batch, ok = learner.sample(rb, sk)
+        batch, ok, share = learner.sample(rb, trb, sk)
         state, metrics = learner.update(state, jax.device_put(batch, compute_device), teacher_params, c)
-        metrics = metrics | {"sample_ok": ok}
+        metrics = metrics | {"rehearsal_share": share, "sample_ok": ok}
     return sync_target(state, jnp.bool_(sync)), rb, key, metrics
 
 
@@ -633,14 +748,15 @@ def learn_on_host_replay(learner: Learner, state, rb, key, transition, n_updates
 # Evaluation: Dopamine's protocol
 # ----------------------------------------------------------------------------
 def evaluate(act, params, envs: tu.DopamineAtariEnvs, max_steps: int, epsilon: float, key, desc: str = "eval",
-             frames: list | None = None, max_episodes: int | None = None) -> tuple[list[float], list[int], int]:
+             frames: list | None = None, max_episodes: int | None = None,
+             stop: Callable[[], bool] | None = None) -> tuple[list[float], list[int], int]:
     """Raw-score returns and lengths of whole episodes, and the agent steps they took.
 
     Dopamine's `_run_one_phase`: episodes are played whole until at least
     `max_steps` agent steps have passed; the episodes in progress then finish
     and every episode counts, however long. With several envs, an env starts a
     new episode only while the budget lasts (and fewer than `max_episodes` have
-    started). `frames` (if a list) collects env 0's observations of its first episode.
+    started). `frames` (if a list) collects env 0's observations of its first episode; `stop()` true ends it early.
     """
     obs, _ = envs.reset()
     n = envs.num_envs
@@ -651,7 +767,7 @@ def evaluate(act, params, envs: tu.DopamineAtariEnvs, max_steps: int, epsilon: f
     steps, started = 0, n
     recording = frames is not None
     with tqdm(total=max_steps, desc=desc, leave=False, file=sys.stderr, mininterval=2.0) as bar:
-        while active.any():
+        while active.any() and not (stop and stop()):
             actions, _, key = act(params, obs, key, epsilon)
             obs, _, terminated, truncated, info = envs.step(np.asarray(actions))
             if resetting.any():  # an env that just reset starts a new episode only while the budget lasts
@@ -692,6 +808,24 @@ def write_video(frames: list, path: str, fps: int = 15) -> None:
     imageio.mimsave(path, rgb, fps=fps, macro_block_size=8)
 
 
+class SteadyRate:
+    """Units per second from `start()` on (so the compilation in a phase's first call is not counted), with
+    `pause()`d seconds (evaluations) excluded: the phase's steady-state speed."""
+
+    def __init__(self):
+        self.t, self.n0, self.paused = None, 0, 0.0
+
+    def start(self, n: int) -> None:
+        if self.t is None:
+            self.t, self.n0 = time.time(), n
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds if self.t is not None else 0.0
+
+    def __call__(self, n: int) -> float:
+        return (n - self.n0) / max(time.time() - self.t - self.paused, 1e-9) if self.t is not None and n > self.n0 else float("nan")
+
+
 def save_atomic(path: str, data: bytes) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -699,13 +833,13 @@ def save_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def teacher_q_for_rows(teacher: nn.Module, teacher_params, rb: Replay, stream: int, batch: int = 1024) -> Replay:
+def teacher_q_for_rows(teacher_q_fn, teacher_params, rb: Replay, stream: int, batch: int = 1024) -> Replay:
     """The teacher's Q-values of every row's state of one stream, computed once in batches and cached in the buffer."""
 
     @functools.partial(jax.jit, donate_argnums=0)
     def fill(rb, start):
         j = start + jnp.arange(batch)
-        q = teacher.apply(teacher_params, replay_stacks(rb, jnp.full(batch, stream), j))
+        q = teacher_q_fn(teacher_params, replay_stacks(rb, jnp.full(batch, stream), j))
         r = jnp.where(j < rb.length[stream], _row(rb, jnp.full(batch, stream), j), rb.frames.shape[0])
         return rb._replace(teacher_q=rb.teacher_q.at[r].set(q, mode="drop"))
 
@@ -729,6 +863,75 @@ def memory_check(need: int, device, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------
+# Methods: what each baseline of the paper changes (README "Methods"); flags passed explicitly still win
+# ----------------------------------------------------------------------------
+METHODS: dict[str, dict] = {
+    "qdagger": {},  # distillation_dqn.gin
+    "tabula-rasa": dict(offline_steps=0, distill_coef=0.0, n_step=1, loss="mse", online_learning_rate=6.25e-5,
+                        epsilon_decay_steps=250_000, epsilon_warmup_steps=20_000),  # Dopamine's jax/agents/dqn/configs/dqn.gin
+    "kickstarting": dict(offline_steps=0),
+    "pretrain": dict(n_step=1, distill_coef=0.0, cql_coef=1.0, online_learning_rate=1e-5, reset_optimizer_online=True),  # pretrained_dqn.gin
+    "dagger": dict(td_coef=0.0, decay_lambda=False),
+    "ql-dagger": dict(decay_lambda=False),
+    "jsrl": dict(offline_steps=0, distill_coef=0.0, n_step=1, online_learning_rate=6.25e-5, eval_frequency=125_000),  # lols_dqn.gin
+    "dqfd": dict(n_step=1, distill_coef=0.0, margin_coef=1.0, online_learning_rate=1e-4),  # margin_dqn.gin
+    "rehearsal": dict(rehearsal_ratio=0.25),
+    "finetune": dict(offline_steps=0, distill_coef=0.0, n_step=1, online_learning_rate=1e-5, init_from_teacher=True, start_e=0.01),  # reloaded_dqn.gin
+}
+
+# Flags that do not change what is learned: a resumed run may change them; every other flag must match.
+RUNTIME_FLAGS = {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "run_name", "resume",
+                 "checkpoint_frequency", "checkpoint_minutes", "keep_checkpoints", "log_frequency", "updates_per_call", "replay_on_host"}
+
+
+def resolve_method(args: Args, explicit: set[str]) -> Args:
+    """--method's settings, except for the flags given explicitly."""
+    return dataclasses.replace(args, **{k: v for k, v in METHODS[args.method].items() if k not in explicit})
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return resolve_method(tu.parse_args(Args, argv), tu.explicit_fields(Args, argv))
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM was handled: a checkpoint is written; the message says how to resume."""
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint pieces: arrays by name (no pickle), restored into fresh templates
+# ----------------------------------------------------------------------------
+def tree_arrays(prefix: str, tree) -> dict:
+    return {f"{prefix}.{i}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+def tree_from(ckpt, prefix: str, template, device):
+    leaves = jax.tree.leaves(template)
+    loaded = [tu.read_checkpoint_array(ckpt, f"{prefix}.{i}") for i in range(len(leaves))]
+    for a, b in zip(leaves, loaded):
+        if np.shape(a) != b.shape:
+            raise ConfigError(f"{ckpt}: {prefix} has a {b.shape} array where this run has {np.shape(a)}; it was written by another configuration")
+    return jax.device_put(jax.tree.unflatten(jax.tree.structure(template), [b.astype(np.asarray(a).dtype) for a, b in zip(leaves, loaded)]), device)
+
+
+def replay_from(ckpt, prefix: str, device) -> Replay:
+    return Replay(**{f: jax.device_put(tu.read_checkpoint_array(ckpt, f"{prefix}.{f}"), device) for f in Replay._fields})
+
+
+def replay_arrays(prefix: str, rb: Replay) -> dict:
+    return {f"{prefix}.{f}": getattr(rb, f) for f in Replay._fields}
+
+
+def fast_forward(envs, actions: np.ndarray, desc: str) -> np.ndarray:
+    """envpool is deterministic given its seed and the actions: replaying a phase's actions on fresh envs restores
+    their exact state (emulators, sticky-action RNGs, episode steps). Returns the last observation."""
+    obs, _ = envs.reset()
+    for a in tqdm(actions, desc=desc, file=sys.stderr, mininterval=2.0, leave=False):
+        obs, *_ = envs.step(a)
+    return obs
+
+
+# ----------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------
 def main(args: Args) -> None:
@@ -736,291 +939,537 @@ def main(args: Args) -> None:
     tu.check_env_id(args.env_id)
     game = tu.game_from_env_id(args.env_id)
     random_return = tu.random_score(game)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    tu.check_wandb(args.track)
+    uses_teacher = args.method != "tabula-rasa"
+    jsrl = args.method == "jsrl"
+    offline = uses_teacher and args.offline_steps > 0
+    need_teacher_data = uses_teacher and (offline or args.rehearsal_ratio > 0)
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+    # The run folder: a new unique one, or (--resume) an earlier run with the same algorithm flags.
+    resume = None
+    if args.resume:
+        if not args.run_name:
+            raise ConfigError("--resume needs the run to continue: --run-name NAME (its folder under runs/) or its path")
+        run_dir = Path(args.run_name) if Path(args.run_name).is_dir() else Path("runs") / args.run_name
+        if not (run_dir / "args.json").is_file():
+            raise ConfigError(f"no run to resume at {run_dir} (no args.json); pass the name of a folder under runs/")
+        saved = json.loads((run_dir / "args.json").read_text())
+        differ = [f"--{k.replace('_', '-')} (was {saved[k]!r}, now {getattr(args, k)!r})" for k in saved
+                  if k not in RUNTIME_FLAGS and hasattr(args, k) and saved[k] != getattr(args, k)]
+        if differ:
+            raise ConfigError(f"cannot resume {run_dir} with different algorithm flags: {', '.join(differ)}; pass the run's own values")
+        resume = tu.latest_checkpoint(run_dir / "checkpoints")
+        if resume is None:
+            raise ConfigError(f"{run_dir} has no complete checkpoint; start the run again without --resume")
+    else:
+        run_dir = Path("runs") / (args.run_name or tu.default_run_name(args.env_id, args.exp_name, args.method, args.seed))
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or another --run-name")
+    run_name = run_dir.name
+    ckpt_dir, meta = run_dir / "checkpoints", (resume[1] if resume else {})
+    phase = meta.get("phase", "teacher_eval")
+    if phase == "done":
+        print(f"{run_dir} finished already; nothing to resume")
+        return
+
     key = jax.random.PRNGKey(args.seed)
     key, student_key, offline_key, online_key = jax.random.split(key, 4)
     compute_device = jax.devices()[0]
     replay_device = jax.devices("cpu")[0] if args.replay_on_host else compute_device
-
     env_kwargs = dict(max_episode_steps=args.max_episode_steps)
-    envs = tu.make_teacher_envs(args.env_id, args.num_envs, seed=args.seed, **env_kwargs)
-    eval_envs = tu.make_teacher_envs(args.env_id, args.eval_num_envs, seed=args.seed + 10_000, **env_kwargs)
-    num_actions = envs.num_actions
+    probe_envs = tu.make_teacher_envs(args.env_id, 1, seed=args.seed, **env_kwargs)
+    num_actions = probe_envs.num_actions
+    probe_envs.close()
 
-    # Teacher: raises a one-line TeacherError if unreachable, corrupt or of another game.
+    # Teacher: raises a one-line TeacherError if unreachable, corrupt or of another game. None for tabula rasa.
     source = args.teacher_checkpoint or f"gs://rl_checkpoints/DQN_400/{game}/1"
-    teacher_ckpt = tu.load_teacher(source, num_actions=num_actions, iteration=args.teacher_iteration)
-    teacher = tu.DopamineNatureDQN(num_actions)
-    teacher_params = jax.device_put(teacher_ckpt.params, compute_device)
-    print(f"teacher: {teacher_ckpt.kind} checkpoint {teacher_ckpt.path} (iteration {teacher_ckpt.iteration}, {num_actions} actions)")
+    teacher_ckpt = teacher_q_fn = teacher_params = None
+    teacher_env_kwargs = env_kwargs
+    if uses_teacher:
+        teacher_ckpt = tu.load_teacher(source, num_actions=num_actions, iteration=args.teacher_iteration)
+        teacher_q_fn, teacher_params = teacher_ckpt.q_values, jax.device_put(teacher_ckpt.params, compute_device)
+        teacher_env_kwargs = {**env_kwargs, **teacher_ckpt.env_kwargs}  # the inputs it was trained on
+        print(f"teacher: {teacher_ckpt.kind} {teacher_ckpt.architecture} {teacher_ckpt.path} (iteration {teacher_ckpt.iteration}, "
+              f"{num_actions} actions{', its own envs: ' + str(teacher_ckpt.env_kwargs) if teacher_ckpt.env_kwargs else ''})")
+        if resume and meta["teacher"]["digest"] != tu.params_digest(teacher_ckpt.params):
+            raise ConfigError(f"the teacher at {source} is not the one {run_dir} was trained with (its parameters differ); pass that teacher")
+    else:
+        print(f"teacher: none (--method {args.method})")
+    if (args.distill_coef > 0 or args.margin_coef > 0 or args.init_from_teacher or jsrl) and not uses_teacher:
+        raise ConfigError(f"--method {args.method} has no teacher, but --distill-coef/--margin-coef/--init-from-teacher use one")
 
-    # Replay sizes are checked before any work is spent.
-    offline = args.offline_steps > 0
-    dopamine = offline and args.teacher_data in ("dopamine-replay", "both")
-    rollout_steps = args.teacher_steps if offline and args.teacher_data in ("rollout", "both") else 0
+    # Sizes are checked before any work is spent: buffers against memory, a checkpoint against the disk.
+    dopamine = need_teacher_data and args.teacher_data in ("dopamine-replay", "both")
+    rollout_steps = args.teacher_steps if need_teacher_data and args.teacher_data in ("rollout", "both") else 0
     rollout_rows = -(-(rollout_steps + 8 * args.num_envs) // args.num_envs) if rollout_steps else 0
     dopamine_replay = None
-    if dopamine:
-        dopamine_replay = tu.load_dopamine_replay(source, iteration=teacher_ckpt.iteration,
-                                                  update_horizon=args.n_step, gamma=args.gamma)
+    if dopamine and phase in ("teacher_eval", "collect"):
+        dopamine_replay = tu.load_dopamine_replay(source, iteration=teacher_ckpt.iteration, update_horizon=args.n_step, gamma=args.gamma)
         print(f"teacher replay: {dopamine_replay.path} (iteration {dopamine_replay.iteration}, {dopamine_replay.capacity} rows, "
               f"{len(dopamine_replay.valid_indices())} valid transitions for n = {args.n_step})")
         if dopamine_replay.actions.max(initial=0) >= num_actions or dopamine_replay.actions.min(initial=0) < 0:
             raise ConfigError(f"the teacher replay in {dopamine_replay.path} has actions up to {dopamine_replay.actions.max()} but {args.env_id} "
                               f"has {num_actions}: it belongs to another game; pass that game's --env-id or --teacher-data rollout")
-    teacher_lengths = ([dopamine_replay.capacity] if dopamine else []) + [rollout_rows] * (args.num_envs if rollout_rows else 0)
+    dopamine_rows = meta.get("dopamine_rows", dopamine_replay.capacity if dopamine_replay is not None else 0)
+    teacher_lengths = ([dopamine_rows] if dopamine else []) + [rollout_rows] * (args.num_envs if rollout_rows else 0)
     online_lengths = [-(-args.buffer_size // args.num_envs)] * args.num_envs
-    memory_check(max(replay_bytes(teacher_lengths, num_actions), replay_bytes(online_lengths, 0)), replay_device, "the replay buffers")
+    teacher_bytes = replay_bytes(teacher_lengths, num_actions) if need_teacher_data else 0
+    online_bytes = replay_bytes(online_lengths, 0)
+    memory_check(teacher_bytes + online_bytes if args.rehearsal_ratio > 0 else max(teacher_bytes, online_bytes), replay_device, "the replay buffers")
+    checkpoints_on = args.checkpoint_frequency != 0
+    tu.check_output_folder(run_dir, (teacher_bytes + online_bytes if checkpoints_on else 0) + (1 << 27), "a checkpoint and the logs")
 
+    # Logs. On resume, event records written after the checkpoint are cut off, so no step is logged twice.
+    for f in run_dir.glob("events.out.tfevents.*"):
+        if resume and f.name in meta["events"]:
+            os.truncate(f, meta["events"][f.name])
+        elif resume:
+            f.unlink()
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True)
+        try:  # a resumed run continues its own W&B run
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=run_name,
+                       id=meta.get("wandb_id") or __import__("secrets").token_hex(4), resume="allow", save_code=True)
+        except Exception as e:  # noqa: BLE001 - W&B raises many kinds; the user needs one line
+            raise tu.RunError(f"Weights & Biases could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              f"check `wandb login` and the network, or set WANDB_MODE=offline") from None
     from tensorboardX import SummaryWriter
 
-    writer = SummaryWriter(f"runs/{run_name}", flush_secs=30)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    save_atomic(f"runs/{run_name}/args.json", json.dumps(dataclasses.asdict(args), indent=2).encode())
-    print(f"run folder: runs/{run_name}")
+    writer = SummaryWriter(str(run_dir), flush_secs=30)
+    if not resume:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        save_atomic(str(run_dir / "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
+    preset = {k: getattr(args, k) for k in METHODS[args.method]}
+    print(f"run folder: {run_dir}" + (f" (resumed from {resume[0].name}, phase {phase})" if resume else ""))
+    print(f"method: {args.method}" + (f" ({', '.join(f'{k}={v}' for k, v in preset.items())})" if preset else ""))
 
     student = make_student(args.network, num_actions)
     student_params = student.init(student_key, np.zeros((1, 4, 84, 84), np.uint8))
+    if args.init_from_teacher:  # fine-tuning: the student starts as the teacher
+        shapes = lambda tree: jax.tree.map(np.shape, flax.core.unfreeze(tree))  # noqa: E731
+        if shapes(teacher_ckpt.params) != shapes(student_params):
+            raise ConfigError(f"--init-from-teacher (--method finetune) needs a teacher with the student's architecture; the teacher is "
+                              f"{teacher_ckpt.architecture}, the student --network {args.network}: pass a matching teacher or another --method")
+        student_params = jax.tree.map(jnp.array, teacher_ckpt.params)
+        probe = np.random.default_rng(0).integers(0, 256, (8, 4, 84, 84), np.uint8)
+        gap = float(jnp.abs(student.apply(student_params, probe) - teacher_q_fn(teacher_params, probe)).max())
+        print(f"student initialised from the teacher: max |Q_student - Q_teacher| on 8 states = {gap:g}")
     optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(args.learning_rate, np.float32),
                                                      eps=args.adam_eps)  # a strong float32: a weak type would recompile the jitted steps once
     # A separate target copy: the jitted steps donate the state, and one buffer cannot be donated twice.
     state = jax.device_put(QState.create(apply_fn=student.apply, params=student_params, target_params=jax.tree.map(jnp.copy, student_params),
                                          tx=optimizer), compute_device)
-    learner = make_learner(args, student, teacher, num_actions)
-    act_student, act_teacher = make_act(student), make_act(teacher)
+    learner = make_learner(args, student, teacher_q_fn, num_actions)
+    act_student = make_act(student.apply)
+    act_teacher = make_act(teacher_q_fn) if uses_teacher else None
+    act_jsrl = make_act_jsrl(student.apply, teacher_q_fn) if jsrl else None
 
-    def run_eval(params, desc, frames=None):
+    progress = dict(meta.get("progress", {}))
+    teacher_return = meta.get("teacher_return")
+    seq = meta.get("seq", 0)
+    if resume:
+        state = tree_from(resume[0], "state", state, compute_device)
+        key, offline_key, online_key = (jnp.asarray(k) for k in tu.read_checkpoint_array(resume[0], "keys"))
+    interrupt = tu.Interrupt()
+    last_checkpoint = time.time()
+
+    def checkpoint(phase: str, arrays: dict | None = None, force: bool = False) -> None:
+        """Write the run's complete state (see README "Resuming"), unless checkpoints are off."""
+        nonlocal seq, last_checkpoint
+        if not checkpoints_on and not force:
+            return
+        if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params)):
+            raise ConfigError(f"the student's parameters are not finite in phase {phase}; the last good checkpoint is kept (lower --learning-rate)")
+        writer.flush()
+        seq += 1
+        meta = dict(seq=seq, phase=phase, progress=progress, teacher_return=teacher_return, dopamine_rows=dopamine_rows,
+                    events={f.name: f.stat().st_size for f in run_dir.glob("events.out.tfevents.*")},
+                    wandb_id=wandb.run.id if args.track else None,
+                    teacher=dict(source=str(source), iteration=teacher_ckpt.iteration, digest=tu.params_digest(teacher_ckpt.params)) if uses_teacher else dict(digest=None))
+        tu.write_checkpoint(ckpt_dir, seq, {**tree_arrays("state", state), "keys": np.stack([key, offline_key, online_key]), **(arrays or {})},
+                            meta, args.keep_checkpoints)
+        last_checkpoint = time.time()
+
+    def due(count: int, last: int, every: int) -> bool:
+        minutes = args.checkpoint_minutes > 0 and time.time() - last_checkpoint > 60 * args.checkpoint_minutes
+        return checkpoints_on and (count // every > last // every or minutes)
+
+    def stop(phase: str, arrays: dict | None = None) -> None:
+        """On SIGINT/SIGTERM: checkpoint (even with checkpoints off: it is the only way to keep the work) and leave."""
+        if interrupt.requested:
+            checkpoint(phase, arrays, force=True)
+            raise Interrupted(f"{interrupt.requested} in phase {phase}: checkpoint written; resume with "
+                              f"`python {os.path.basename(__file__)} --resume --run-name {run_name}`")
+
+    def evaluate_student(params, desc, seed_offset, frames=None):
         nonlocal key
         key, k = jax.random.split(key)
-        return evaluate(act_student, params, eval_envs, args.eval_steps, args.eval_epsilon, k, desc=desc, frames=frames,
-                        max_episodes=args.eval_episodes)
-
-    # (a) Teacher evaluation -> G_T
-    t0 = time.time()
-    key, k = jax.random.split(key)
-    returns, lengths, steps = evaluate(act_teacher, teacher_params, eval_envs, args.eval_steps, args.eval_epsilon, k,
-                                       desc="teacher eval", max_episodes=args.eval_episodes)
-    teacher_return = float(np.mean(returns)) if returns else None
-    for i, (r, l) in enumerate(zip(returns, lengths)):
-        writer.add_scalar("teacher/episodic_return", r, i)
-        writer.add_scalar("teacher/episodic_length", l, i)
-    if teacher_return is not None:
-        writer.add_scalar("teacher/mean_return", teacher_return, 0)
-    print(f"(a) {summary('teacher', returns, steps)}; random score {random_return:g} [{steps / (time.time() - t0):.0f} agent steps/s]")
+        envs = tu.make_teacher_envs(args.env_id, args.eval_num_envs, seed=args.seed + seed_offset, **env_kwargs)
+        try:
+            return evaluate(act_student, params, envs, args.eval_steps, args.eval_epsilon, k, desc=desc, frames=frames,
+                            max_episodes=args.eval_episodes, stop=lambda: interrupt.requested)
+        finally:
+            envs.close()
 
     def teacher_normalized(student_return):
         if student_return is None or teacher_return is None or teacher_return <= random_return:
             return None
         return tu.teacher_normalized_score(student_return, teacher_return, random_return)
 
-    # (b) Teacher data: the teacher's own Dopamine replay and/or roll-outs, with the teacher's Q-values cached
-    t0 = time.time()
-    teacher_rb = None
-    if offline:
-        teacher_rb = make_replay(teacher_lengths, num_actions, replay_device)
-        if dopamine:
-            teacher_rb = replay_fill_from_dopamine(teacher_rb, dopamine_replay, 0)
-            teacher_rb = teacher_q_for_rows(teacher, jax.device_put(teacher_params, replay_device), teacher_rb, 0)
-            del dopamine_replay
-        obs, _ = envs.reset()
-        collected, pending, pending_q = 0, None, None
-        with tqdm(total=rollout_steps, desc="teacher data", file=sys.stderr, mininterval=2.0) as bar:
-            while collected < rollout_steps:
-                actions, teacher_q, key = act_teacher(teacher_params, jax.device_put(obs, compute_device), key, args.teacher_epsilon)
-                if pending is not None:  # stored while this step's actions are computed and the envs step
+    try:
+        # (a) Teacher evaluation -> G_T, on the envs the teacher was trained on
+        if phase == "teacher_eval":
+            if uses_teacher:
+                t0 = time.time()
+                key, k = jax.random.split(key)
+                eval_envs = tu.make_teacher_envs(args.env_id, args.eval_num_envs, seed=args.seed + 10_000, **teacher_env_kwargs)
+                returns, lengths, steps = evaluate(act_teacher, teacher_params, eval_envs, args.eval_steps, args.eval_epsilon, k,
+                                                   desc="teacher eval", max_episodes=args.eval_episodes, stop=lambda: interrupt.requested)
+                eval_envs.close()
+                stop("teacher_eval")
+                teacher_return = float(np.mean(returns)) if returns else None
+                for i, (r, l) in enumerate(zip(returns, lengths)):
+                    writer.add_scalar("teacher/episodic_return", r, i)
+                    writer.add_scalar("teacher/episodic_length", l, i)
+                if teacher_return is not None:
+                    writer.add_scalar("teacher/mean_return", teacher_return, 0)
+                print(f"(a) {summary('teacher', returns, steps)}; random score {random_return:g} [{steps / (time.time() - t0):.0f} agent steps/s]")
+            else:
+                print(f"(a) teacher evaluation: skipped (--method {args.method}: no teacher)")
+            phase, progress = "collect", dict(collected=0)
+
+        # (b) Teacher data: the teacher's own Dopamine replay and/or roll-outs, with the teacher's Q-values cached
+        teacher_rb = None
+        if need_teacher_data and phase == "collect":
+            t0 = time.time()
+            if "collected" in progress and progress["collected"] > 0:  # resumed mid-way
+                teacher_rb = replay_from(resume[0], "teacher_rb", replay_device)
+            else:
+                teacher_rb = make_replay(teacher_lengths, num_actions, replay_device)
+                if dopamine:
+                    teacher_rb = replay_fill_from_dopamine(teacher_rb, dopamine_replay, 0)
+                    teacher_rb = teacher_q_for_rows(teacher_q_fn, jax.device_put(teacher_params, replay_device), teacher_rb, 0)
+            dopamine_replay = None
+            envs = tu.make_teacher_envs(args.env_id, args.num_envs, seed=args.seed, **teacher_env_kwargs)
+            collected = progress["collected"]
+            action_log = np.zeros((-(-rollout_steps // args.num_envs), args.num_envs), np.uint8)  # the phase's actions, for an exact resume
+            if collected:
+                action_log[: collected // args.num_envs] = tu.read_checkpoint_array(resume[0], "action_log")
+            obs = fast_forward(envs, action_log[: collected // args.num_envs], "restoring the envs (exact resume)") if collected else envs.reset()[0]
+            pending, pending_q, collect_rate = None, None, SteadyRate()
+
+            def store_pending():
+                nonlocal teacher_rb, pending
+                if pending is not None:
                     teacher_rb = learner.add(teacher_rb, int(dopamine), *jax.device_put((*pending, obs[:, -1], pending_q), replay_device))
-                next_obs, reward, terminated, truncated, _ = envs.step(np.asarray(actions))
-                pending, pending_q = (obs[:, -1], np.asarray(actions), np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated), teacher_q
-                obs = next_obs
-                collected += args.num_envs
-                bar.update(args.num_envs)
-        if pending is not None:
-            teacher_rb = learner.add(teacher_rb, int(dopamine), *jax.device_put((*pending, obs[:, -1], pending_q), replay_device))
-        rows = int(jnp.minimum(teacher_rb.count, teacher_rb.length).sum())
-        print(f"(b) teacher data: {rows} rows ({'Dopamine replay' if dopamine else ''}{' + ' if dopamine and rollout_steps else ''}"
-              f"{f'{collected} roll-out agent steps' if rollout_steps else ''}), {replay_bytes(teacher_lengths, num_actions) / max(sum(teacher_lengths), 1):.0f} "
-              f"bytes/transition [{(collected or rows) / (time.time() - t0):.0f} {'agent steps' if rollout_steps else 'rows'}/s]")
-    else:
-        print("(b) teacher data: skipped (--offline-steps 0: no offline phase to use it)")
+                    pending = None
 
-    # (c) Offline phase: teacher data only, lambda = 1, lr = learning_rate; K updates per jitted call
-    lam = 1.0
-    offline_coefs = coefs(args.td_coef, lam * args.distill_coef, args.learning_rate)
-    step, t0, eval_seconds = 0, time.time(), 0.0
-    k_static = min(args.updates_per_call, max(args.offline_steps, 1))
-    with tqdm(total=args.offline_steps, desc="offline", file=sys.stderr, mininterval=2.0) as bar:
-        while step < args.offline_steps:
-            boundary = args.offline_steps
-            if args.offline_eval_frequency:
-                boundary = min(boundary, (step // args.offline_eval_frequency + 1) * args.offline_eval_frequency)
-            n = min(k_static, boundary - step)
-            state, offline_key, metrics = learner.offline(state, teacher_rb, offline_key, jnp.int32(step), k_static, jnp.int32(n), offline_coefs)
-            metrics = jax.device_get(metrics)
-            if not metrics["sample_ok"][:n].all():
-                raise ConfigError("the teacher data has too few valid transitions to sample a batch; collect more (--teacher-steps)")
-            for i in range(n):
-                if (step + i + 1) % args.log_frequency == 0 or step + i + 1 == args.offline_steps:
-                    for name in ("td_loss", "distill_loss", "loss", "q_values"):
-                        writer.add_scalar(f"offline/{name}", float(metrics[name][i]), step + i + 1)
-            step += n
-            bar.update(n)
-            writer.add_scalar("offline/SPS", step / (time.time() - t0 - eval_seconds), step)
-            if args.offline_eval_frequency and step % args.offline_eval_frequency == 0:
+            def collect_arrays():
+                return {**replay_arrays("teacher_rb", teacher_rb), "action_log": action_log[: collected // args.num_envs]}
+
+            with tqdm(total=rollout_steps, initial=collected, desc="teacher data", file=sys.stderr, mininterval=2.0) as bar:
+                while collected < rollout_steps:
+                    actions, teacher_q, key = act_teacher(teacher_params, jax.device_put(obs, compute_device), key, args.teacher_epsilon)
+                    store_pending()  # the previous step, stored while this step's actions are computed and the envs step
+                    actions = np.asarray(actions)
+                    next_obs, reward, terminated, truncated, _ = envs.step(actions)
+                    action_log[collected // args.num_envs] = actions
+                    pending, pending_q = (obs[:, -1], actions, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated), teacher_q
+                    obs = next_obs
+                    collected += args.num_envs
+                    bar.update(args.num_envs)
+                    if collected >= 2 * args.num_envs:
+                        collect_rate.start(collected)  # the first two steps compiled act and add
+                    if interrupt.requested or due(collected, collected - args.num_envs, args.checkpoint_frequency or 250_000):
+                        store_pending()
+                        progress = dict(collected=collected)
+                        stop("collect", collect_arrays())
+                        checkpoint("collect", collect_arrays())
+            store_pending()
+            envs.close()
+            rows = int(jnp.minimum(teacher_rb.count, teacher_rb.length).sum())
+            print(f"(b) teacher data: {rows} rows ({'Dopamine replay' if dopamine else ''}{' + ' if dopamine and rollout_steps else ''}"
+                  f"{f'{collected} roll-out agent steps' if rollout_steps else ''}), {teacher_bytes / max(sum(teacher_lengths), 1):.0f} "
+                  f"bytes/transition [{collect_rate(collected) if rollout_steps else rows / (time.time() - t0):.0f} {'agent steps' if rollout_steps else 'rows'}/s]")
+            if checkpoints_on or args.rehearsal_ratio > 0:  # immutable from here: written once, read by every later resume
+                tu.write_checkpoint(ckpt_dir / "teacher_data", 0, replay_arrays("teacher_rb", teacher_rb), dict(rows=rows), 1)
+            phase, progress = "offline", dict(step=0, next_eval=args.offline_eval_frequency)
+            checkpoint("offline")
+        elif need_teacher_data and phase in ("offline", "online"):
+            found = tu.latest_checkpoint(ckpt_dir / "teacher_data")
+            if found is None:
+                raise ConfigError(f"{ckpt_dir / 'teacher_data'} is missing or corrupt; start the run again without --resume")
+            teacher_rb = replay_from(found[0], "teacher_rb", replay_device)
+        elif phase == "collect":
+            print(f"(b) teacher data: skipped ({'no teacher' if not uses_teacher else '--offline-steps 0: no offline phase to use it'})")
+            phase, progress = "offline", dict(step=0, next_eval=args.offline_eval_frequency)
+
+        # (c) Offline phase: teacher data only, lambda = 1, lr = learning_rate; K updates per jitted call
+        lam = 1.0
+        if phase == "offline":
+            offline_coefs = coefs(args.td_coef, lam * args.distill_coef, args.learning_rate, cql=args.cql_coef, margin=lam * args.margin_coef)
+            step, next_eval, offline_rate = progress["step"], progress["next_eval"], SteadyRate()
+            k_static = min(args.updates_per_call or (8 if on_cpu() else 100), max(args.offline_steps, 1))
+            ckpt_every = args.checkpoint_frequency or args.offline_eval_frequency or 100_000
+            with tqdm(total=args.offline_steps if offline else 0, initial=step, desc="offline", file=sys.stderr, mininterval=2.0) as bar:
+                while offline and step < args.offline_steps:
+                    if args.offline_eval_frequency and step >= next_eval:  # evaluations every offline_eval_frequency updates
+                        t_eval = time.time()
+                        returns, _, steps = evaluate_student(state.params, "offline eval", 20_000 + step)
+                        offline_rate.pause(time.time() - t_eval)
+                        progress = dict(step=step, next_eval=next_eval)
+                        stop("offline")
+                        if returns:
+                            writer.add_scalar("offline/eval_return", float(np.mean(returns)), step)
+                            if (tns := teacher_normalized(float(np.mean(returns)))) is not None:
+                                writer.add_scalar("offline/teacher_normalized_score", tns, step)
+                        tqdm.write(f"(c) {summary(f'offline update {step}: student', returns, steps)}")
+                        next_eval += args.offline_eval_frequency
+                    boundary = min(args.offline_steps, next_eval) if args.offline_eval_frequency else args.offline_steps
+                    n = min(k_static, boundary - step)
+                    state, offline_key, metrics = learner.offline(state, teacher_rb, offline_key, jnp.int32(step), k_static, jnp.int32(n), offline_coefs)
+                    metrics = jax.device_get(metrics)
+                    if not metrics["sample_ok"][:n].all():
+                        raise ConfigError("the teacher data has too few valid transitions to sample a batch; collect more (--teacher-steps)")
+                    if not np.isfinite(metrics["loss"][:n]).all():
+                        raise ConfigError(f"the offline loss is not finite at update {step + int(np.argmin(np.isfinite(metrics['loss'][:n]))) + 1} "
+                                          f"(phase c); the last good checkpoint is in {ckpt_dir}; lower --learning-rate")
+                    for i in range(n):
+                        if (step + i + 1) % args.log_frequency == 0 or step + i + 1 == args.offline_steps:
+                            for name in ("td_loss", "distill_loss", "cql_loss", "margin_loss", "loss", "q_values"):
+                                writer.add_scalar(f"offline/{name}", float(metrics[name][i]), step + i + 1)
+                    step += n
+                    bar.update(n)
+                    offline_rate.start(step)  # from the end of the first (compiling) call
+                    if step > offline_rate.n0:
+                        writer.add_scalar("offline/SPS", offline_rate(step), step)
+                    progress = dict(step=step, next_eval=next_eval)
+                    stop("offline")
+                    if step < args.offline_steps and due(step, step - n, ckpt_every):
+                        checkpoint("offline")
+            if offline:
+                if args.offline_eval_frequency and step >= next_eval:
+                    returns, _, steps = evaluate_student(state.params, "offline eval", 20_000 + step)
+                    stop("offline")
+                    if returns:
+                        writer.add_scalar("offline/eval_return", float(np.mean(returns)), step)
+                    tqdm.write(f"(c) {summary(f'offline update {step}: student', returns, steps)}")
+                print(f"(c) offline: {args.offline_steps} updates [{offline_rate(step):.1f} updates/s, evaluations excluded]")
+                state = sync_target(state, True)
+            if args.reset_optimizer_online:  # pretraining's online phase starts a fresh Adam
+                state = state.replace(opt_state=state.tx.init(state.params))
+            phase, progress = "online", dict(global_step=0, updates=0, update_credit=0.0, next_target_sync=args.learning_starts + args.target_network_frequency,
+                                             next_eval=args.eval_frequency, lam=lam, max_roll_in=args.jsrl_max_roll_in_steps, teacher_actions=0, acted=0)
+            if offline:
+                checkpoint("online")
+        if args.rehearsal_ratio <= 0:
+            teacher_rb = None  # the online phase uses the student's own replay only
+
+        # (d) Online phase
+        if phase in ("online", "final"):
+            p = progress
+            lam, global_step, updates, update_credit = p["lam"], p["global_step"], p["updates"], p["update_credit"]
+            next_target_sync, next_eval, max_roll_in = p["next_target_sync"], p["next_eval"], p["max_roll_in"]
+            teacher_actions, acted = p["teacher_actions"], p["acted"]
+            lr = online_schedule(args, lam, None, None, random_return, 0)[1]
+            jsrl_rng = np.random.default_rng(args.seed + 2)
+            action_log = np.zeros((-(-args.total_timesteps // args.num_envs), args.num_envs), np.uint8)  # the phase's actions, for an exact resume
+            if global_step:  # resumed mid-way: the replay, the episodes in progress and the envs' exact state
+                ck = resume[0]
+                rb = replay_from(ck, "rb", replay_device)
+                action_log[: global_step // args.num_envs] = tu.read_checkpoint_array(ck, "action_log")
+                ep_ret, ep_len, resetting, ep_t, roll_in, obs = (tu.read_checkpoint_array(ck, n) for n in ("ep_ret", "ep_len", "resetting", "ep_t", "roll_in", "obs"))
+                jsrl_rng.bit_generator.state = p["jsrl_rng"]
+            else:
+                rb = make_replay(online_lengths, 0, replay_device)
+                ep_ret, ep_len = np.zeros(args.num_envs), np.zeros(args.num_envs, np.int64)
+                resetting, ep_t = np.zeros(args.num_envs, bool), np.zeros(args.num_envs, np.int64)
+                roll_in = jsrl_rng.integers(0, max_roll_in, args.num_envs) + 1 if max_roll_in > 0 else np.zeros(args.num_envs, np.int64)
+            online_rate = SteadyRate()
+            pending = None  # the last vector step: stored, and learned from, while the envs take the next one
+            metrics = None
+
+            def learn():
+                nonlocal state, rb, online_key, metrics, pending
+                transition, n_updates, sync, c = pending
+                pending = None
+                if args.replay_on_host:
+                    state, rb, online_key, m = learn_on_host_replay(learner, state, rb, teacher_rb, online_key, jax.device_put(transition, replay_device),
+                                                                    n_updates, sync, c, teacher_params, compute_device)
+                else:
+                    state, rb, online_key, m = learner.online(state, rb, teacher_rb, online_key, *transition, jnp.bool_(sync), c, teacher_params,
+                                                              n_updates=n_updates)
+                if n_updates:
+                    metrics = m
+
+            def online_progress() -> dict:
+                """Updates `progress` and returns the arrays of a checkpoint of this phase."""
+                nonlocal progress
+                progress = dict(global_step=global_step, updates=updates, update_credit=update_credit, next_target_sync=next_target_sync,
+                                next_eval=next_eval, lam=lam, max_roll_in=max_roll_in, teacher_actions=teacher_actions, acted=acted,
+                                jsrl_rng=jsrl_rng.bit_generator.state)
+                return {**replay_arrays("rb", rb), "action_log": action_log[: global_step // args.num_envs], "obs": obs,
+                        "ep_ret": ep_ret, "ep_len": ep_len, "resetting": resetting, "ep_t": ep_t, "roll_in": roll_in}
+
+            def online_eval(final: bool) -> float:
+                """Evaluate the student; after an iteration (not the final one) update lambda, lr and JSRL's roll-in. Returns its seconds."""
+                nonlocal lam, lr, max_roll_in
+                frames = [] if (final and args.capture_video) else None
                 t_eval = time.time()
-                returns, _, steps = run_eval(state.params, "offline eval")
-                eval_seconds += time.time() - t_eval
-                if returns:
-                    writer.add_scalar("offline/eval_return", float(np.mean(returns)), step)
-                    if (tns := teacher_normalized(float(np.mean(returns)))) is not None:
-                        writer.add_scalar("offline/teacher_normalized_score", tns, step)
-                tqdm.write(f"(c) {summary(f'offline update {step}: student', returns, steps)}")
-    if args.offline_steps:
-        print(f"(c) offline: {args.offline_steps} updates [{args.offline_steps / (time.time() - t0 - eval_seconds):.1f} updates/s, evaluations excluded]")
-        state = sync_target(state, True)
-    del teacher_rb  # the online phase uses the student's own replay
+                returns, _, steps = evaluate_student(state.params, "student eval", 30_000 + global_step // args.eval_frequency, frames=frames)
+                stop("final" if final else "online", online_progress())  # an interrupted evaluation runs again after a resume
+                student_return = float(np.mean(returns)) if returns else None
+                line = summary(f"online step {global_step}: student", returns, steps)
+                if student_return is not None:
+                    writer.add_scalar("eval/episodic_return", student_return, global_step)
+                    writer.add_scalar("charts/human_normalized_score", tu.human_normalized_score(game, student_return), global_step)
+                    if (tns := teacher_normalized(student_return)) is not None:
+                        writer.add_scalar("charts/teacher_normalized_score", tns, global_step)
+                        line += f", teacher-normalized {tns:.3f}"
+                if not final:
+                    lam, lr, reason = online_schedule(args, lam, student_return, teacher_return, random_return, global_step)
+                    if args.decay_lambda and uses_teacher:
+                        line += f"; lambda = {lam:.3f}" + (f" ({reason})" if reason else "")
+                if not final and jsrl:
+                    max_roll_in = int(max_roll_in * args.jsrl_roll_in_decay)
+                if not final:
+                    writer.add_scalar("charts/distill_coeff", lam * args.distill_coef, global_step)
+                    writer.add_scalar("charts/learning_rate", lr, global_step)
+                tqdm.write(("(e) final " if final else "(d) ") + line)
+                if frames:
+                    write_video(frames, str(run_dir / "videos" / "final-eval.mp4"))
+                return time.time() - t_eval
 
-    # (d) Online phase
-    rb = make_replay(online_lengths, 0, replay_device)
-    lr = lambda_learning_rate(lam, args.learning_rate, args.end_learning_rate)
-    obs, _ = envs.reset()
-    ep_ret = np.zeros(args.num_envs)
-    ep_len = np.zeros(args.num_envs, np.int64)
-    resetting = np.zeros(args.num_envs, bool)
-    global_step, updates, update_credit = 0, 0, 0.0
-    next_target_sync, next_eval = args.learning_starts + args.target_network_frequency, args.eval_frequency
-    t0, eval_seconds = time.time(), 0.0
-    pending = None  # the last vector step: stored, and learned from, while the envs take the next one
-    metrics = None
+        if phase == "online":
+            envs = tu.make_teacher_envs(args.env_id, args.num_envs, seed=args.seed + 1, **env_kwargs)
+            if global_step:
+                obs = fast_forward(envs, action_log[: global_step // args.num_envs], "restoring the envs (exact resume)")
+                if not np.array_equal(obs, tu.read_checkpoint_array(resume[0], "obs")):
+                    print("warning: the envs did not reach the checkpoint's observation; the episodes in progress differ from the interrupted run", file=sys.stderr)
+            else:
+                obs, _ = envs.reset()
+            bar = tqdm(total=args.total_timesteps, initial=global_step, desc="online", file=sys.stderr, mininterval=2.0)
+            while global_step < args.total_timesteps:
+                # Epsilon counts the offline updates as training steps, as the reference's schedule does (Dopamine's warm-up too).
+                epsilon = linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps,
+                                          max(global_step + args.offline_steps - args.epsilon_warmup_steps, 0))
+                if pending is not None and not args.overlap_env:
+                    learn()
+                obs_dev = jax.device_put(obs, compute_device)
+                if jsrl:  # the teacher acts in the roll-in (with --jsrl-roll-in-guide) and, after it, with a decaying probability
+                    share = jsrl_teacher_share(args.jsrl_guide_prob, args.jsrl_decay_period, global_step + args.offline_steps)
+                    use_teacher = jsrl_use_teacher(ep_t, roll_in, args.jsrl_roll_in_guide, share, jsrl_rng.random(args.num_envs))
+                    actions, key = act_jsrl(state.params, teacher_params, obs_dev, key, epsilon, use_teacher)
+                    teacher_actions += int((use_teacher & ~resetting).sum())
+                else:
+                    actions, _, key = act_student(state.params, obs_dev, key, epsilon)
+                if pending is not None:
+                    learn()  # dispatched after the actions: the device learns while the envs step
+                actions = np.asarray(actions)
+                next_obs, reward, terminated, truncated, info = envs.step(actions)
+                action_log[global_step // args.num_envs] = actions
+                if global_step == 0:
+                    writer.add_scalar("charts/epsilon", epsilon, 0)  # where the exploration schedule starts
+                global_step += args.num_envs
+                bar.update(args.num_envs)
 
-    def learn():
-        nonlocal state, rb, online_key, metrics, pending
-        transition, n_updates, sync, c = pending
-        pending = None
-        if args.replay_on_host:
-            state, rb, online_key, m = learn_on_host_replay(learner, state, rb, online_key, jax.device_put(transition, replay_device),
-                                                            n_updates, sync, c, teacher_params, compute_device)
-        else:
-            state, rb, online_key, m = learner.online(state, rb, online_key, *transition, jnp.int32(n_updates), jnp.bool_(sync), c, teacher_params)
-        if n_updates:
-            metrics = m
+                live = ~resetting
+                acted += int(live.sum())
+                ep_ret += np.where(live, info["reward"], 0.0)
+                ep_len += live
+                ep_t += live
+                done = (terminated | truncated) & live
+                for i in np.flatnonzero(done):  # the vector step holds agent steps global_step - num_envs + 1 ... global_step: env i's is its i-th
+                    writer.add_scalar("charts/episodic_return", ep_ret[i], global_step - args.num_envs + i + 1)
+                    writer.add_scalar("charts/episodic_length", ep_len[i], global_step - args.num_envs + i + 1)
+                ep_ret[done], ep_len[done], ep_t[done] = 0.0, 0, 0
+                if jsrl and done.any():  # a new roll-in length for each new episode
+                    roll_in[done] = jsrl_rng.integers(0, max(max_roll_in, 1), int(done.sum())) + 1 if max_roll_in > 0 else 0
+                resetting = done
 
-    def online_eval(global_step: int, final: bool) -> float:
-        """Evaluate the student; after an iteration (not the final one) update lambda and lr. Returns its seconds."""
-        nonlocal lam, lr
-        frames = [] if (final and args.capture_video) else None
-        t_eval = time.time()
-        returns, _, steps = run_eval(state.params, "student eval", frames=frames)
-        student_return = float(np.mean(returns)) if returns else None
-        line = summary(f"online step {global_step}: student", returns, steps)
-        if student_return is not None:
-            writer.add_scalar("eval/episodic_return", student_return, global_step)
-            writer.add_scalar("charts/human_normalized_score", tu.human_normalized_score(game, student_return), global_step)
-            if (tns := teacher_normalized(student_return)) is not None:
-                writer.add_scalar("charts/teacher_normalized_score", tns, global_step)
-                line += f", teacher-normalized {tns:.3f}"
-        if not final:
-            lam, reason = distill_lambda_update(lam, student_return, teacher_return, random_return, global_step,
-                                                args.distill_decay_period, args.clip_lambda)
-            lr = lambda_learning_rate(lam, args.learning_rate, args.end_learning_rate)
-            line += f"; lambda = {lam:.3f}" + (f" ({reason})" if reason else "")
-        writer.add_scalar("charts/distill_coeff", lam * args.distill_coef, global_step)
-        writer.add_scalar("charts/learning_rate", lr, global_step)
-        tqdm.write(("(e) final " if final else "(d) ") + line)
-        if frames:
-            write_video(frames, f"runs/{run_name}/videos/final-eval.mp4")
-        return time.time() - t_eval
+                # One update per train_frequency agent steps in total, whatever num_envs is.
+                n_updates, sync = 0, False
+                if global_step > args.learning_starts:
+                    online_rate.start(global_step - args.num_envs)  # the speed of learning, the regime of almost every step
+                    update_credit += args.num_envs / args.train_frequency
+                    n_updates = int(update_credit)
+                    update_credit -= n_updates
+                    if global_step >= next_target_sync:
+                        sync = True
+                        next_target_sync += args.target_network_frequency
+                transition = (obs[:, -1], actions, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated, next_obs[:, -1])
+                pending = (transition, n_updates, sync, coefs(args.td_coef, lam * args.distill_coef, lr, margin=lam * args.margin_coef))
+                obs = next_obs
+                if updates // args.log_frequency != (updates + n_updates) // args.log_frequency:
+                    learn()  # the log needs this step's metrics
+                    m = jax.device_get(metrics)
+                    if not m.pop("sample_ok"):
+                        raise ConfigError("the online replay has too few valid transitions to sample a batch; raise --learning-starts")
+                    if not np.isfinite(m["loss"]):
+                        raise ConfigError(f"the online loss is not finite at agent step {global_step} (phase d); the last good checkpoint is in "
+                                          f"{ckpt_dir}; lower --learning-rate")
+                    for name, value in m.items():
+                        writer.add_scalar(f"losses/{name}", float(value), global_step)
+                    writer.add_scalar("charts/SPS", online_rate(global_step), global_step)
+                    writer.add_scalar("charts/epsilon", epsilon, global_step)
+                    if not next_eval <= global_step < args.total_timesteps:  # else the evaluation below logs the new values
+                        writer.add_scalar("charts/distill_coeff", lam * args.distill_coef, global_step)
+                        writer.add_scalar("charts/learning_rate", lr, global_step)
+                    if jsrl:
+                        writer.add_scalar("charts/teacher_action_share", teacher_actions / max(acted, 1), global_step)
+                        teacher_actions, acted = 0, 0
+                updates += n_updates
 
-    bar = tqdm(total=args.total_timesteps, desc="online", file=sys.stderr, mininterval=2.0)
-    while global_step < args.total_timesteps:
-        # Epsilon counts the offline updates as training steps, as the reference's schedule does.
-        epsilon = linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, global_step + args.offline_steps)
-        if pending is not None and not args.overlap_env:
-            learn()
-        actions, _, key = act_student(state.params, jax.device_put(obs, compute_device), key, epsilon)
-        if pending is not None:
-            learn()  # dispatched after the actions: the device learns while the envs step
-        actions = np.asarray(actions)
-        next_obs, reward, terminated, truncated, info = envs.step(actions)
-        if global_step == 0:
-            writer.add_scalar("charts/epsilon", epsilon, 0)  # where the exploration schedule starts
-        global_step += args.num_envs
-        bar.update(args.num_envs)
-
-        live = ~resetting
-        ep_ret += np.where(live, info["reward"], 0.0)
-        ep_len += live
-        done = (terminated | truncated) & live
-        for i in np.flatnonzero(done):
-            writer.add_scalar("charts/episodic_return", ep_ret[i], global_step)
-            writer.add_scalar("charts/episodic_length", ep_len[i], global_step)
-        ep_ret[done], ep_len[done], resetting = 0.0, 0, done
-
-        # One update per train_frequency agent steps in total, whatever num_envs is.
-        n_updates, sync = 0, False
-        if global_step > args.learning_starts:
-            update_credit += args.num_envs / args.train_frequency
-            n_updates = int(update_credit)
-            update_credit -= n_updates
-            if global_step >= next_target_sync:
-                sync = True
-                next_target_sync += args.target_network_frequency
-        transition = (obs[:, -1], actions, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated, next_obs[:, -1])
-        pending = (transition, n_updates, sync, coefs(args.td_coef, lam * args.distill_coef, lr))
-        obs = next_obs
-        if updates // args.log_frequency != (updates + n_updates) // args.log_frequency:
-            learn()  # the log needs this step's metrics
-            m = jax.device_get(metrics)
-            if not m.pop("sample_ok"):
-                raise ConfigError("the online replay has too few valid transitions to sample a batch; raise --learning-starts")
-            for name, value in m.items():
-                writer.add_scalar(f"losses/{name}", float(value), global_step)
-            writer.add_scalar("charts/SPS", int(global_step / (time.time() - t0 - eval_seconds)), global_step)
-            writer.add_scalar("charts/epsilon", epsilon, global_step)
-            writer.add_scalar("charts/distill_coeff", lam * args.distill_coef, global_step)
-            writer.add_scalar("charts/learning_rate", lr, global_step)
-        updates += n_updates
-
-        if global_step >= next_eval and global_step < args.total_timesteps:
-            next_eval += args.eval_frequency
+                if global_step >= next_eval and global_step < args.total_timesteps:
+                    if pending is not None:
+                        learn()
+                    online_rate.pause(online_eval(final=False))
+                    next_eval += args.eval_frequency
+                if interrupt.requested or (global_step < args.total_timesteps and due(global_step, global_step - args.num_envs,
+                                                                                     args.checkpoint_frequency or args.eval_frequency)):
+                    if pending is not None:
+                        learn()
+                    stop("online", online_progress())
+                    checkpoint("online", online_progress())
+            bar.close()
             if pending is not None:
                 learn()
-            eval_seconds += online_eval(global_step, final=False)
-    bar.close()
-    if pending is not None:
-        learn()
-    train_seconds = time.time() - t0 - eval_seconds
-    print(f"(d) online: {global_step} agent steps, {updates} updates [{global_step / train_seconds:.1f} agent steps/s, evaluations excluded]")
-    online_eval(global_step, final=True)
+            envs.close()
+            print(f"(d) online: {global_step} agent steps, {updates} updates [{online_rate(global_step):.1f} agent steps/s while learning, evaluations excluded]")
+            online_progress()
+            phase = "final"
 
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        save_atomic(model_path, flax.serialization.to_bytes(state.params))
-        # Q-values of the saved params on a few states, to check a reload against.
-        probe_obs = np.asarray(learner.sample(rb, jax.random.PRNGKey(0))[0].obs[:8])
-        with open(f"runs/{run_name}/q_probe.npz", "wb") as f:
-            np.savez(f, obs=probe_obs, q=np.asarray(student.apply(state.params, probe_obs)))
-        print(f"model saved to {model_path}")
-    envs.close()
-    eval_envs.close()
-    writer.close()
-    if args.track:
-        import wandb
-
-        wandb.finish()
+        # (e) Final evaluation and the model
+        if phase == "final":
+            online_eval(final=True)
+            print(f"final: lambda {lam:g}, learning rate {lr:g}, {global_step} agent steps, {updates} updates")
+            if args.save_model:
+                model_path = run_dir / f"{args.exp_name}.cleanrl_model"
+                save_atomic(str(model_path), flax.serialization.to_bytes(state.params))
+                # Q-values of the saved params on a few states, to check a reload against.
+                probe_obs = np.asarray(learner.sample(rb, None, jax.random.PRNGKey(0))[0].obs[:8])
+                with open(run_dir / "q_probe.npz", "wb") as f:
+                    np.savez(f, obs=probe_obs, q=np.asarray(student.apply(state.params, probe_obs)))
+                print(f"model saved to {model_path}")
+            checkpoint("done")
+    except Interrupted:
+        if args.save_model:
+            save_atomic(str(run_dir / f"{args.exp_name}.cleanrl_model"), flax.serialization.to_bytes(state.params))
+        raise
+    finally:
+        interrupt.restore()
+        writer.close()
+        if args.track:
+            wandb.finish()
 
 
 if __name__ == "__main__":
-    cli_args = tu.parse_args(Args)
     try:
-        main(cli_args)
+        main(parse_args())
     except (tu.TeacherError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)

@@ -193,7 +193,7 @@ def test_unreachable_bucket_says_how_to_pass_a_local_path(tmp_path):
 def collect_random_play(params, num_envs=4, steps=400, capacity=2048, seed=0, teacher_q=False, **env_kwargs):
     teacher = tu.DopamineNatureDQN(4)
     envs = tu.make_teacher_envs("Breakout-v5", num_envs, seed=seed, **env_kwargs)
-    act = q.make_act(teacher)
+    act = q.make_act(teacher.apply)
     rows = -(-capacity // num_envs)
     rb = q.make_replay([rows] * num_envs, 4 if teacher_q else 0)
     add = jax.jit(q.replay_add, static_argnums=1)
@@ -280,12 +280,12 @@ def test_evaluation_counts_an_episode_that_straddles_the_budget():
 
 
 def _tiny_learner(**overrides):
-    args = q.Args(batch_size=8, n_step=3, **overrides)
+    args = q.Args(**{"batch_size": 8, "n_step": 3, **overrides})
     student = q.make_student("nature", 4)
     params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=1.5e-4)
     state = q.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
-    return args, student, state, q.make_learner(args, student, tu.DopamineNatureDQN(4), 4)
+    return args, student, state, q.make_learner(args, student, tu.DopamineNatureDQN(4).apply, 4)
 
 
 def _teacher_buffer(seed=0, steps=60, num_envs=2):
@@ -328,18 +328,18 @@ def test_no_recompilation_after_warm_up():
     trb = _teacher_buffer()
     rb = q.make_replay([64, 64], 0)
     teacher_params = tu.DopamineNatureDQN(4).init(jax.random.PRNGKey(3), np.zeros((1, 4, 84, 84), np.uint8))
-    act = q.make_act(student)
+    act = q.make_act(student.apply)
     rng = np.random.default_rng(0)
 
     def online(state, rb, key, i, n_updates, sync, c):
         t = (rng.integers(0, 256, (2, 84, 84), np.uint8), rng.integers(0, 4, 2), np.zeros(2, np.float32),
              np.array([i % 9 == 8, False]), np.zeros(2, bool), rng.integers(0, 256, (2, 84, 84), np.uint8))
-        return learner.online(state, rb, key, *t, jnp.int32(n_updates), jnp.bool_(sync), c, teacher_params)
+        return learner.online(state, rb, None, key, *t, jnp.bool_(sync), c, teacher_params, n_updates=n_updates)
 
     key = jax.random.PRNGKey(0)
     obs = rng.integers(0, 256, (2, 4, 84, 84), np.uint8)
-    for i in range(30):  # warm-up: fill the buffer
-        state, rb, key, _ = online(state, rb, key, i, 0, False, q.coefs(1.0, 3.0, 1e-4))
+    for i in range(30):  # warm-up: fill the buffer, then the update counts a run meets (0, 1 or 2 per vector step)
+        state, rb, key, _ = online(state, rb, key, i, max(i - 27, 0), False, q.coefs(1.0, 3.0, 1e-4))
     state, key, _ = learner.offline(state, trb, key, jnp.int32(0), 4, jnp.int32(4), q.coefs(1.0, 3.0, 1e-4))
     act(state.params, obs, key, 1.0)
     compiles = []
@@ -366,7 +366,7 @@ def test_replay_on_host_path_equals_the_fused_online_step():
     b_state, b_rb, b_key = jax.tree.map(jnp.copy, state0), q.make_replay([64, 64], 0), jax.random.PRNGKey(2)
     for t, tr in enumerate(steps):
         n, sync = (2 if t >= 20 else 0), t == 30
-        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, a_key, *tr, jnp.int32(n), jnp.bool_(sync), c, teacher_params)
-        b_state, b_rb, b_key, _ = q.learn_on_host_replay(learner, b_state, b_rb, b_key, tr, n, sync, c, teacher_params, jax.devices()[0])
+        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, None, a_key, *tr, jnp.bool_(sync), c, teacher_params, n_updates=n)
+        b_state, b_rb, b_key, _ = q.learn_on_host_replay(learner, b_state, b_rb, None, b_key, tr, n, sync, c, teacher_params, jax.devices()[0])
     for a, b in zip(jax.tree.leaves((a_state.params, a_state.target_params, a_rb)), jax.tree.leaves((b_state.params, b_state.target_params, b_rb))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)

@@ -1,0 +1,217 @@
+"""Never lose a run: checkpoints, exact resume after SIGKILL in every phase, SIGINT, damaged checkpoints,
+the resume flag checks, and the pre-flight checks (memory, output folder, unique run names, NaN)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import teacher_utils as tu
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "qdagger_dqn_atari_jax.py"
+# Small but long enough to be killed in each phase; a checkpoint every 16 agent steps (and 16 offline updates).
+FLAGS = ["--num-envs", "2", "--eval-steps", "100", "--max-episode-steps", "100", "--eval-num-envs", "2", "--teacher-steps", "384",
+         "--offline-steps", "48", "--updates-per-call", "8", "--offline-eval-frequency", "24", "--total-timesteps", "512",
+         "--learning-starts", "128", "--buffer-size", "1024", "--batch-size", "8", "--eval-frequency", "256", "--log-frequency", "8",
+         "--checkpoint-frequency", "16", "--keep-checkpoints", "2", "--save-model"]
+
+
+def start(cwd, name, *extra, teacher):
+    return subprocess.Popen([sys.executable, str(SCRIPT), "--teacher-checkpoint", str(teacher), "--run-name", name, *FLAGS, *extra],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def checkpoints(run_dir: Path) -> list[dict]:
+    metas = []
+    for ck in sorted((run_dir / "checkpoints").glob("ckpt-*")):
+        try:
+            if (ck / tu.CHECKPOINT_SENTINEL).is_file():
+                metas.append(json.loads((ck / "meta.json").read_text()))
+        except (OSError, ValueError):
+            pass  # deleted or replaced while we looked (--keep-checkpoints)
+    return metas
+
+
+def kill_in(proc, run_dir: Path, phase: str, progress_key: str):
+    """SIGKILL the run as soon as it has a complete checkpoint in `phase` with progress under way."""
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if any(m["phase"] == phase and m["progress"].get(progress_key, 0) > 0 for m in checkpoints(run_dir)):
+                proc.send_signal(signal.SIGKILL)
+                proc.communicate()
+                return
+        except (OSError, ValueError, KeyError):
+            pass  # a checkpoint being renamed
+        time.sleep(0.05)
+    raise AssertionError(f"the run never checkpointed in phase {phase}: {proc.communicate()[1][-2000:]}")
+
+
+def final_line(out: str) -> str:
+    (line,) = [x for x in out.splitlines() if x.startswith("final: ")]
+    return line
+
+
+def one_value_per_step(run_dir: Path) -> dict:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    series = {}
+    for tag in acc.Tags()["scalars"]:
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert len(steps) == len(set(steps)), f"{tag} logged twice at some step: {steps}"
+        series[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    return series
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, fixture_copy):
+    cwd = tmp_path_factory.mktemp("whole")
+    rc, out, err = finish(start(cwd, "whole", teacher=fixture_copy("teacher_tf")))
+    assert rc == 0, err[-3000:]
+    return out, cwd / "runs" / "whole"
+
+
+@pytest.mark.parametrize("phase, key", [("collect", "collected"), ("offline", "step"), ("online", "global_step")])
+def test_sigkill_then_resume_is_bit_exact(tmp_path, fixture_copy, uninterrupted, phase, key):
+    """Killed with SIGKILL in the teacher roll-out, offline or online, then resumed: the final parameters, lambda,
+    lr and counters are bit-identical to the uninterrupted run (the envs are restored exactly by replaying the
+    phase's recorded actions on fresh envs with the same seed), and every logged step appears once."""
+    out_whole, whole = uninterrupted
+    teacher = fixture_copy("teacher_tf")
+    run_dir = tmp_path / "runs" / "cut"
+    kill_in(start(tmp_path, "cut", teacher=teacher), run_dir, phase, key)
+    assert not (run_dir / "qdagger_dqn_atari_jax.cleanrl_model").exists()
+    rc, out, err = finish(start(tmp_path, "cut", "--resume", teacher=teacher))
+    assert rc == 0, err[-3000:]
+    assert f"(resumed from ckpt-" in out and f"phase {phase})" in out
+    assert final_line(out) == final_line(out_whole)
+    assert (run_dir / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes() == (whole / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes()
+    resumed, reference = one_value_per_step(run_dir), one_value_per_step(whole)
+    for tag in ("offline/loss", "losses/loss", "eval/episodic_return", "charts/learning_rate"):
+        assert [s for s, _ in resumed[tag]] == [s for s, _ in reference[tag]], tag
+        np.testing.assert_array_equal([v for _, v in resumed[tag]], [v for _, v in reference[tag]], err_msg=tag)
+
+
+def test_sigint_writes_a_usable_checkpoint_and_says_how_to_resume(tmp_path, fixture_copy, uninterrupted):
+    teacher = fixture_copy("teacher_tf")
+    run_dir = tmp_path / "runs" / "ctrl-c"
+    proc = start(tmp_path, "ctrl-c", teacher=teacher)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(m["phase"] == "offline" for m in checkpoints(run_dir)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    rc, out, err = finish(proc)
+    assert rc == 130
+    line = [x for x in err.splitlines() if x.startswith("interrupted: ")]
+    assert len(line) == 1 and "--resume --run-name ctrl-c" in line[0] and "Traceback" not in err
+    assert (run_dir / "qdagger_dqn_atari_jax.cleanrl_model").exists()  # --save-model: the model so far
+    rc, out, err = finish(start(tmp_path, "ctrl-c", "--resume", teacher=teacher))
+    assert rc == 0, err[-3000:]
+    assert final_line(out) == final_line(uninterrupted[0])
+
+
+def test_damaged_checkpoints_fall_back_to_the_previous_one(tmp_path, fixture_copy, uninterrupted):
+    """A checkpoint cut mid-write (no sentinel) is ignored; a corrupted latest one is skipped with a warning."""
+    teacher = fixture_copy("teacher_tf")
+    run_dir = tmp_path / "runs" / "damaged"
+    kill_in(start(tmp_path, "damaged", teacher=teacher), run_dir, "online", "global_step")
+    complete = sorted(p for p in (run_dir / "checkpoints").glob("ckpt-*") if (p / tu.CHECKPOINT_SENTINEL).is_file())
+    assert len(complete) >= 2  # --keep-checkpoints 2 (a third if killed between writing one and deleting the oldest)
+    half = run_dir / "checkpoints" / f"ckpt-{int(complete[-1].name[5:]) + 1:06d}"
+    half.mkdir()
+    (half / "meta.json").write_text("{")  # a writer killed before its sentinel
+    victim = complete[-1] / "state.0.npy"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    rc, out, err = finish(start(tmp_path, "damaged", "--resume", teacher=teacher))
+    assert rc == 0, err[-3000:]
+    assert f"warning: checkpoint runs/damaged/checkpoints/{complete[-1].name} is corrupt (state.0 fail" in err
+    assert f"resumed from {complete[-2].name}" in out
+    assert final_line(out) == final_line(uninterrupted[0])
+
+
+def test_resume_refuses_changed_algorithm_flags_and_allows_runtime_ones(tmp_path, fixture_copy, uninterrupted):
+    teacher = fixture_copy("teacher_tf")
+    run_dir = tmp_path / "runs" / "flags"
+    kill_in(start(tmp_path, "flags", teacher=teacher), run_dir, "online", "global_step")
+    rc, out, err = finish(start(tmp_path, "flags", "--resume", "--learning-rate", "3e-4", teacher=teacher))
+    assert rc == 1
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert "--learning-rate (was 0.0001, now 0.0003)" in line
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--teacher-checkpoint", str(teacher), "--run-name", "flags", *FLAGS, "--resume", "--track"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    rc, out, err = finish(proc)
+    assert rc == 0, err[-3000:]
+    assert final_line(out) == final_line(uninterrupted[0])
+
+
+# ----------------------------------------------------------------------------
+# Pre-flight checks: before any phase, one error line
+# ----------------------------------------------------------------------------
+def run_quick(cwd, *flags, env=None):
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    return r, lines, time.time() - t0
+
+
+def test_a_buffer_larger_than_the_machine_fails_before_any_phase(tmp_path, fixture_copy):
+    r, lines, seconds = run_quick(tmp_path, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--buffer-size", "100000000")
+    assert r.returncode == 1 and len(lines) == 1 and "GiB but the available host memory is" in lines[0] and "--buffer-size" in lines[0]
+    assert "(a)" not in r.stdout and seconds < 10
+
+
+def test_an_unwritable_output_folder_is_one_error_line(tmp_path, fixture_copy):
+    (tmp_path / "runs").write_text("a file where the runs folder should be")
+    r, lines, _ = run_quick(tmp_path, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--total-timesteps", "64")
+    assert r.returncode == 1 and len(lines) == 1 and "cannot write to runs/" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_an_existing_run_name_is_not_overwritten(tmp_path, fixture_copy):
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "args.json").write_text("{}")
+    r, lines, _ = run_quick(tmp_path, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--run-name", "taken")
+    assert r.returncode == 1 and "already holds a run; pass --resume" in lines[0]
+
+
+def test_track_without_a_login_is_one_error_line(tmp_path, fixture_copy):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")} | {"HOME": str(tmp_path), "NETRC": str(tmp_path / "none")}
+    r, lines, _ = run_quick(tmp_path, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--track", env=env)
+    assert r.returncode == 1 and len(lines) == 1 and "wandb login" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_run_names_started_together_differ_and_show_game_method_seed():
+    names = {tu.default_run_name("Breakout-v5", "qdagger_dqn_atari_jax", "qdagger", 1) for _ in range(50)}
+    assert len(names) == 50
+    assert all(n.startswith("Breakout-v5__qdagger_dqn_atari_jax__qdagger__1__") for n in names)
+
+
+def test_disk_too_small_for_a_checkpoint(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(10 * 2**30, 9 * 2**30, 2**30))
+    with pytest.raises(tu.RunError, match=r"need 6\.6 GiB on disk but .* has 1\.0 GiB free"):
+        tu.check_output_folder(tmp_path / "runs" / "x", 7063 * 1_000_000, "a checkpoint")
+
+
+def test_a_diverging_loss_stops_the_run_naming_phase_and_step(tmp_path, fixture_copy):
+    r, lines, _ = run_quick(tmp_path, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), *FLAGS, "--learning-rate", "1e30",
+                            "--run-name", "nan")
+    assert r.returncode == 1 and len(lines) == 1
+    assert "not finite" in lines[0] and "phase" in lines[0] and "the last good checkpoint" in lines[0]
