@@ -1,0 +1,1 @@
+"""Helpers around the training scripts: result reports (``python -m reincarnate_utils.report``)."""

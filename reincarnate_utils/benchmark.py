@@ -1,0 +1,348 @@
+"""Speed and memory figures, printed (not asserted): `python reincarnate_utils/benchmark.py --help`.
+
+throughput: in one process and one run, the machine's limits for this
+configuration and the scripts' own speed, and their ratios:
+  limits   env_only_sps        envpool alone (Dopamine settings, random actions)
+           update_single_per_s the script's jitted update, one call per update, inputs on the device
+           update_fused_per_s  K updates in one lax.scan over device-resident batches
+           teacher_act_per_s   the teacher's jitted epsilon-greedy act, actions fetched each call
+  phases   teacher_collect_sps, offline_updates_per_s, online_sps: the script's main() on Breakout-v5 with
+           the fixture teacher, each phase's steady-state rate as the script reports it (after its first,
+           compiling call; evaluations excluded; online while learning)
+  ratios   collect_vs_limit = teacher_collect_sps / env_only_sps
+           offline_vs_limit = offline_updates_per_s / update_fused_per_s
+           online_vs_limit  = online_sps / min(env_only_sps, train_frequency * update_fused_per_s)
+Each limit is measured alone, with the whole machine. On a CPU the envs and XLA
+then share the same cores during training, so the online limit (which assumes
+perfect overlap) cannot be reached there.
+
+teacher-load: load time of a full-size (7,744x512) Dopamine teacher from each
+checkpoint kind (the committed test fixtures), and crc32c throughput.
+
+replay-load: writes a Dopamine-format replay of --frames frames (numpy + gzip,
+as OutOfGraphReplayBuffer.save), then times teacher_utils.load_dopamine_replay
+on it in a fresh process and reports its peak memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the training scripts live in the repository root
+
+import teacher_utils as tu  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def _fixture(name: str, dest: Path) -> Path:
+    sys.path.insert(0, str(FIXTURES))
+    from materialize import materialize
+
+    return materialize(name, dest)
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------
+# throughput
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Throughput:
+    """The limits of this machine and the scripts' speed in each phase, with their ratios."""
+
+    algo: Literal["dqn", "rainbow"] = "dqn"
+    """which script"""
+    network: Literal["nature", "impala"] = "nature"
+    """the student network"""
+    num_envs: int = 8
+    """--num-envs of the script (and of the env-only limit)"""
+    updates_per_call: int | None = None
+    """K of the fused limit and the script's --updates-per-call (default the script's: 100 on an accelerator, 8 on a
+    CPU, where XLA runs convolutions in a loop body ~7x slower and the updates are unrolled instead)"""
+    limit_seconds: float = 8.0
+    """time spent measuring each limit"""
+    teacher_steps: int = 8_000
+    """agent steps of the teacher roll-out"""
+    offline_steps: int = 1_000
+    """offline updates"""
+    total_timesteps: int = 8_000
+    """online agent steps"""
+    learning_starts: int = 400
+    """online steps before learning (small: the online figure is the learning regime)"""
+    json: bool = False
+    """print the figures as one JSON object"""
+
+
+def _timed(fn, seconds: float, per_call: int = 1) -> float:
+    """Units per second of repeated fn() calls (after one warm-up call); fn returns something to block on."""
+    import jax
+
+    jax.block_until_ready(fn())
+    n, t0 = 0, time.perf_counter()
+    out = None
+    while time.perf_counter() - t0 < seconds:
+        out = fn()
+        n += per_call
+    jax.block_until_ready(out)
+    return n / (time.perf_counter() - t0)
+
+
+def _limits(cfg: Throughput, script, teacher_params) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    rainbow = cfg.algo == "rainbow"
+    args = script.Args(network=cfg.network, num_envs=cfg.num_envs)
+    out = {}
+
+    envs = tu.make_teacher_envs("Breakout-v5", cfg.num_envs, seed=0)
+    envs.reset()
+    rng = np.random.default_rng(0)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < cfg.limit_seconds:
+        envs.step(rng.integers(0, envs.num_actions, cfg.num_envs))
+        n += cfg.num_envs
+    out["env_only_sps"] = n / (time.perf_counter() - t0)
+    obs, _ = envs.reset()
+    envs.close()
+
+    teacher = tu.DopamineNatureDQN(4)
+    act = script.make_act(lambda p, o, k: teacher.apply(p, o)) if rainbow else script.make_act(teacher.apply)
+    key = jax.random.PRNGKey(0)
+
+    def act_once():
+        nonlocal key
+        actions, _, key = act(teacher_params, jax.device_put(obs), key, 0.01)
+        return np.asarray(actions)
+
+    out["teacher_act_per_s"] = _timed(act_once, cfg.limit_seconds)
+
+    # The update alone: the script's own update function on device-resident batches.
+    B, K = args.batch_size, cfg.updates_per_call or (8 if script.on_cpu() else 100)
+    student = script.make_student(args, 4) if rainbow else script.make_student(args.network, 4)
+    params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=1.5e-4)
+    state = script.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
+    batches = script.Batch(
+        obs=jnp.asarray(rng.integers(0, 256, (K, B, 4, 84, 84), np.uint8)), actions=jnp.asarray(rng.integers(0, 4, (K, B)), jnp.int32),
+        returns=jnp.asarray(rng.uniform(-1, 1, (K, B)), jnp.float32), discounts=jnp.full((K, B), 0.99**3, jnp.float32),
+        next_obs=jnp.asarray(rng.integers(0, 256, (K, B, 4, 84, 84), np.uint8)), teacher_q=jnp.asarray(rng.normal(size=(K, B, 4)), jnp.float32),
+        index=jnp.zeros((K, B), jnp.int32), **({"weights": jnp.ones((K, B), jnp.float32)} if rainbow else {}))
+    c = script.coefs(1.0, args.distill_coef, 1e-4)
+    if rainbow:
+        upd = script.make_update(student, script.make_support(args), args.temperature, args.double_dqn)
+        one = lambda s, b, k: upd(s, b, b.teacher_q, c, k)[0]  # noqa: E731
+    else:
+        upd = script.make_update(student, args.temperature)
+        one = lambda s, b, k: upd(s, b, b.teacher_q, c)[0]  # noqa: E731
+    single = jax.jit(one, donate_argnums=0)
+    fused = jax.jit(lambda s, bs, k: script.fused_scan(lambda s, i: (one(s, jax.tree.map(lambda x: x[i], bs), k), None), s, K)[0],
+                    donate_argnums=0)
+    first = jax.tree.map(lambda x: x[0], batches)
+    holder = {"s": state}
+
+    def single_once():
+        holder["s"] = single(holder["s"], first, key)
+        return holder["s"].step
+
+    def fused_once():
+        holder["s"] = fused(holder["s"], batches, key)
+        return holder["s"].step
+
+    out["update_single_per_s"] = _timed(single_once, cfg.limit_seconds)
+    out["update_fused_per_s"] = _timed(fused_once, cfg.limit_seconds, per_call=K)
+    return out
+
+
+def _phases(cfg: Throughput, script, teacher: Path) -> dict:
+    flags = ["--env-id", "Breakout-v5", "--teacher-checkpoint", str(teacher), "--num-envs", str(cfg.num_envs), "--network", cfg.network,
+             "--teacher-steps", str(cfg.teacher_steps), "--offline-steps", str(cfg.offline_steps),
+             *(["--updates-per-call", str(cfg.updates_per_call)] if cfg.updates_per_call else []),
+             "--offline-eval-frequency", "0", "--total-timesteps", str(cfg.total_timesteps), "--learning-starts", str(cfg.learning_starts),
+             "--buffer-size", str(max(cfg.total_timesteps, cfg.learning_starts) + 64 * cfg.num_envs), "--eval-frequency", str(10**9),
+             "--eval-steps", "400", "--max-episode-steps", "400", "--eval-num-envs", str(cfg.num_envs)]
+    args = script.parse_args(flags)
+    out = io.StringIO()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp), contextlib.redirect_stdout(out):
+        script.main(args)
+    text = out.getvalue()
+    patterns = {
+        "teacher_collect_sps": r"\(b\).*\[([\d.]+) agent steps/s",
+        "offline_updates_per_s": r"\(c\) offline:.*\[([\d.]+) updates/s",
+        "online_sps": r"\(d\) online:.*\[([\d.]+) agent steps/s",
+    }
+    got = {}
+    for k, p in patterns.items():
+        m = re.search(p, text)
+        if not m:
+            raise SystemExit(f"error: no {k} in the script's output:\n{text[-2000:]}")
+        got[k] = float(m[1])
+    return got
+
+
+def throughput(cfg: Throughput) -> None:
+    import jax
+
+    import qdagger_dqn_atari_jax as dqn
+    import qdagger_rainbow_atari_jax as rainbow
+
+    script = rainbow if cfg.algo == "rainbow" else dqn
+    args = script.Args(network=cfg.network, num_envs=cfg.num_envs)
+    device = jax.devices()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = _fixture("teacher_tf", Path(tmp))
+        teacher_params = jax.device_put(tu.load_teacher(teacher, num_actions=4).params)
+        limits = _limits(cfg, script, teacher_params)
+        phases = _phases(cfg, script, teacher)
+    rows = -(-args.buffer_size // cfg.num_envs) * cfg.num_envs
+    online_bytes = script.replay_bytes([rows], 0, prioritized=True) if cfg.algo == "rainbow" else script.replay_bytes([rows], 0)
+    result = {
+        "algo": cfg.algo, "network": cfg.network, "num_envs": cfg.num_envs, "updates_per_call": cfg.updates_per_call or (8 if script.on_cpu() else 100),
+        "device": f"{device.platform}: {device.device_kind}", **{k: round(v, 1) for k, v in {**limits, **phases}.items()},
+        "collect_vs_limit": round(phases["teacher_collect_sps"] / limits["env_only_sps"], 3),
+        "offline_vs_limit": round(phases["offline_updates_per_s"] / limits["update_fused_per_s"], 3),
+        "online_vs_limit": round(phases["online_sps"] / min(limits["env_only_sps"], args.train_frequency * limits["update_fused_per_s"]), 3),
+        "bytes_per_transition": round(online_bytes / rows, 1),
+        "teacher_bytes_per_transition": round(script.replay_bytes([rows], 4) / rows, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "paper_budget_minutes": round((1_000_000 / phases["offline_updates_per_s"] + args.total_timesteps / phases["online_sps"]) / 60, 1),
+    }
+    if cfg.json:
+        print(json.dumps(result))
+        return
+    for k, v in result.items():
+        print(f"{k:<30} {v}")
+
+
+# ----------------------------------------------------------------------------
+# teacher-load
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class TeacherLoad:
+    """Load time of a full-size teacher checkpoint (each kind)."""
+
+    repeats: int = 5
+    """Timed loads per kind (the median is printed)."""
+
+
+def teacher_load(cfg: TeacherLoad) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"{'fixture':<24} {'kind':<5} {'file MB':>8} {'load ms':>8}")
+        for name in ("teacher_tf", "teacher_tf_keras", "teacher_jax_linen", "teacher_jax_prelinen"):
+            run = _fixture(name, Path(tmp))
+            t = tu.load_teacher(run)
+            size = sum(f.stat().st_size for f in (run / "checkpoints").iterdir()) / 2**20
+            ms = 1e3 * _median_time(lambda: tu.load_teacher(run), cfg.repeats)
+            print(f"{name:<24} {t.kind:<5} {size:8.1f} {ms:8.1f}")
+    x = np.random.default_rng(0).standard_normal((7744, 512)).astype(np.float32)
+    ms = 1e3 * _median_time(lambda: tu._masked_crc32c(x), cfg.repeats)
+    print(f"crc32c of a {x.nbytes / 2**20:.1f} MB tensor: {ms:.2f} ms ({x.nbytes / 2**30 / (ms / 1e3):.1f} GiB/s)")
+
+
+# ----------------------------------------------------------------------------
+# replay-load
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class ReplayLoad:
+    """Load time and peak memory of load_dopamine_replay on a large Dopamine-format replay."""
+
+    frames: int = 1_000_000
+    """rows of the replay written (Dopamine's replay capacity is 1M)"""
+    folder: str | None = None
+    """where to write it (default a temporary folder; needs about 1 GB of disk)"""
+
+
+def _write_dopamine_replay(folder: Path, capacity: int) -> None:
+    """The files OutOfGraphReplayBuffer.save writes (gzip around np.save), with Atari-like compressible frames."""
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:84, 0:84]
+    background = ((yy // 6 + xx // 6) % 4 * 30 + 40).astype(np.uint8)
+    with gzip.open(folder / "$store$_observation_ckpt.0.gz", "wb", compresslevel=1) as f:
+        header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 84, 84), np.uint8))
+        header["shape"] = (capacity, 84, 84)
+        np.lib.format.write_array_header_1_0(f, header)
+        for start in range(0, capacity, 10_000):
+            n = min(10_000, capacity - start)
+            frames = np.broadcast_to(background, (n, 84, 84)).copy()
+            rows = np.arange(start, start + n)
+            frames[np.arange(n), 10 + rows % 60, 5 + (rows * 7) % 70] = 255  # a moving sprite
+            frames[:, 76:84, :] = rng.integers(0, 256, (n, 8, 84), dtype=np.uint8)  # a noisy score band
+            f.write(frames.tobytes())
+    rows = np.arange(capacity)
+    add_count = 3 * capacity + 12345
+    for name, arr in (("$store$_action", (rows % 4).astype(np.int32)), ("$store$_reward", ((rows % 97) == 0).astype(np.float32)),
+                      ("$store$_terminal", ((rows % 2000) == 1999).astype(np.uint8)), ("add_count", np.array(add_count)),
+                      ("invalid_range", (add_count % capacity - 1 + np.arange(5)) % capacity)):
+        with gzip.open(folder / f"{name}_ckpt.0.gz", "wb", compresslevel=1) as f:
+            np.save(f, arr, allow_pickle=False)
+
+
+_LOAD_CHILD = """
+import resource, sys, time
+sys.path.insert(0, {root!r})
+import teacher_utils as tu
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+r = tu.load_dopamine_replay({folder!r}, update_horizon=3, progress=False)
+load = time.perf_counter() - t
+t = time.perf_counter()
+valid = r.valid_indices()
+print(load, time.perf_counter() - t, len(valid), r.frames.nbytes, base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def replay_load(cfg: ReplayLoad) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(cfg.folder or tmp) / "replay"
+        t = time.perf_counter()
+        _write_dopamine_replay(folder, cfg.frames)
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        print(f"wrote {cfg.frames:,} frames ({size / 1e6:.0f} MB of .gz files) in {time.perf_counter() - t:.0f} s (not timed below)")
+        r = subprocess.run([sys.executable, "-c", _LOAD_CHILD.format(root=str(ROOT), folder=str(folder))], capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(r.stderr[-2000:])
+        load, valid_s, valid, frame_bytes, base_kb, peak_kb = r.stdout.split()
+        print(f"load_dopamine_replay: {float(load):.1f} s; frames {int(frame_bytes) / 2**30:.2f} GiB; peak RSS {int(peak_kb) / 2**20:.2f} GiB "
+              f"({int(base_kb) / 2**20:.2f} GiB after imports); valid_indices {1e3 * float(valid_s):.0f} ms ({int(valid):,} valid for n = 3)")
+        if cfg.folder:
+            for f in folder.iterdir():
+                f.unlink()
+            folder.rmdir()
+
+
+def main() -> None:
+    import tyro
+
+    cmd = tyro.extras.subcommand_cli_from_dict({"throughput": Throughput, "teacher-load": TeacherLoad, "replay-load": ReplayLoad})
+    {Throughput: throughput, TeacherLoad: teacher_load, ReplayLoad: replay_load}[type(cmd)](cmd)
+
+
+if __name__ == "__main__":
+    main()

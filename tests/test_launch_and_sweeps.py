@@ -1,0 +1,382 @@
+"""The W&B sweep files, the local launcher and the SLURM array script.
+
+Sweeps: every sweep YAML is turned into the agent's command line by wandb's own
+agent code (no server, no network), and the arguments must parse into the script's
+Args with the swept values and types. Launcher: a tiny real grid (2 games x 2 seeds)
+of qdagger_dqn_atari_jax.py, the dry run, a failing run, the GPU-sharing environment
+(with a fake script) and --emit-grid. SLURM: the sbatch body run with bash and a fake
+`python` that records its arguments.
+"""
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+import os
+import random
+import shlex
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+import qdagger_dqn_atari_jax as dqn
+import qdagger_rainbow_atari_jax as rainbow
+import teacher_utils as tu
+from reincarnate_utils import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEPS = ROOT / "reincarnate_utils" / "sweeps"
+SBATCH = ROOT / "reincarnate_utils" / "slurm" / "reincarnate.sbatch"
+LAUNCH = ROOT / "reincarnate_utils" / "launch.py"
+DQN_SCRIPT = ROOT / "qdagger_dqn_atari_jax.py"
+MODULES = {"qdagger_dqn_atari_jax.py": dqn, "qdagger_rainbow_atari_jax.py": rainbow}
+LOGGED_TAGS = {"eval/episodic_return", "charts/teacher_normalized_score"}
+SWEEP_FILES = ["paper_grid_dqn.yaml", "paper_grid_rainbow.yaml", "hparam_search_dqn.yaml", "hparam_search_rainbow.yaml"]
+
+TINY = ["--num-envs", "2", "--eval-steps", "200", "--max-episode-steps", "100", "--teacher-steps", "128",
+        "--offline-steps", "16", "--updates-per-call", "16", "--offline-eval-frequency", "0", "--total-timesteps", "256",
+        "--learning-starts", "64", "--buffer-size", "512", "--batch-size", "8", "--eval-frequency", "256",
+        "--log-frequency", "8", "--eval-num-envs", "2"]
+
+
+# ----------------------------------------------------------------------------
+# Sweeps
+# ----------------------------------------------------------------------------
+def load_sweep(name: str) -> dict:
+    return yaml.safe_load((SWEEPS / name).read_text())
+
+
+def method_choices(module) -> tuple[str, ...]:
+    return typing.get_args(typing.get_type_hints(module.Args)["method"])
+
+
+def grid_points(params: dict) -> list[dict]:
+    """A few grid points that together use every value of every parameter at least once."""
+    names = list(params)
+    choices = [params[n]["values"] if "values" in params[n] else [params[n]["value"]] for n in names]
+    width = max(len(c) for c in choices)
+    points = [{n: c[(i + k) % len(c)] for k, (n, c) in enumerate(zip(names, choices))} for i in range(width)]
+    points.append({n: c[-1] for n, c in zip(names, choices)})
+    return points
+
+
+def sample_value(spec: dict, rng: random.Random):
+    if "value" in spec:
+        return spec["value"]
+    if "values" in spec:
+        return rng.choice(spec["values"])
+    dist, lo, hi = spec["distribution"], spec["min"], spec["max"]
+    if dist == "uniform":
+        return rng.uniform(lo, hi)
+    if dist == "log_uniform_values":
+        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    if dist == "int_uniform":
+        return rng.randint(lo, hi)
+    raise AssertionError(f"the test does not know the distribution {dist!r}: teach sample_value it")
+
+
+def random_points(params: dict, n: int, seed: int = 0) -> list[dict]:
+    """n draws from the parameter spec; boolean `values` alternate so both True and False are tried."""
+    rng = random.Random(seed)
+    points = []
+    for i in range(n):
+        point = {name: sample_value(spec, rng) for name, spec in params.items()}
+        for name, spec in params.items():
+            if set(map(type, spec.get("values", [None]))) == {bool}:
+                point[name] = spec["values"][i % len(spec["values"])]
+        points.append(point)
+    return points
+
+
+def agent_argv(sweep: dict, config: dict, tmp_path: Path, monkeypatch) -> list[str]:
+    """The command wandb's sweep agent would start for a run with `config` (its own code, no server)."""
+    from wandb import wandb_agent
+
+    started = []
+
+    class RecordingProcess:  # stands in for the agent's subprocess wrapper
+        def __init__(self, command=None, env=None, **kwargs):
+            started.append(list(command))
+
+    monkeypatch.setattr(wandb_agent, "AgentProcess", RecordingProcess)
+    for var, value in [("WANDB_DIR", str(tmp_path)), ("WANDB_SWEEP_ID", "testsweep"), ("WANDB_RUN_ID", "x"),
+                       ("WANDB_SWEEP_PARAM_PATH", "x")]:
+        monkeypatch.setenv(var, value)  # restored afterwards (the agent sets some of them itself)
+    agent = wandb_agent.Agent(api=None, queue=None, sweep_id="testsweep")
+    agent._sweep_command = list(sweep["command"])  # what Agent.run reads from the sweep's config
+    agent._command_run({"run_id": "run1", "program": sweep["program"],
+                        "args": {name: {"value": value} for name, value in config.items()}})
+    (command,) = started
+    assert command[:3] == ["/usr/bin/env", "python", sweep["program"]], command
+    return command[3:]
+
+
+@pytest.mark.parametrize("name", SWEEP_FILES)
+def test_sweep_file_is_well_formed(name):
+    sweep = load_sweep(name)
+    module = MODULES[sweep["program"]]
+    assert (ROOT / sweep["program"]).is_file()
+    assert sweep["command"] == ["${env}", "${interpreter}", "${program}", "${args}"]
+    assert sweep["method"] in {"grid", "random", "bayes"}
+    assert sweep["metric"]["goal"] == "maximize" and sweep["metric"]["name"] in LOGGED_TAGS
+    # The metric is a tag the script really logs (mirrored by W&B's sync_tensorboard).
+    assert f'"{sweep["metric"]["name"]}"' in (ROOT / sweep["program"]).read_text()
+    fields = {f.name for f in dataclasses.fields(module.Args)}
+    params = sweep["parameters"]
+    assert set(params) <= fields, set(params) - fields
+    assert params["track"] == {"value": True}
+    for pname, spec in params.items():
+        if sweep["method"] == "grid":
+            assert set(spec) <= {"value", "values"}, (pname, spec)
+        if "distribution" in spec:
+            assert all(isinstance(spec[k], (int, float)) for k in ("min", "max")), (pname, spec)  # 3e-5 would be text
+            assert spec["min"] < spec["max"]
+    if name.startswith("paper_grid"):
+        assert params["seed"]["values"] == [1, 2, 3] and len(params["env_id"]["values"]) == 10
+        for env_id in params["env_id"]["values"]:
+            tu.check_env_id(env_id)
+        expected = set(method_choices(module)) - ({"finetune"} if module is rainbow else set())
+        assert set(params["method"]["values"]) == expected
+    else:
+        assert sweep["metric"]["name"] == "charts/teacher_normalized_score"
+        assert any(spec.get("values") == [True, False] for spec in params.values())
+
+
+@pytest.mark.parametrize("name", SWEEP_FILES)
+def test_sweep_commands_parse_into_args(name, tmp_path, monkeypatch):
+    sweep = load_sweep(name)
+    module = MODULES[sweep["program"]]
+    params = sweep["parameters"]
+    points = grid_points(params) if sweep["method"] == "grid" else random_points(params, 4)
+    seen_bools = {}
+    for i, config in enumerate(points):
+        argv = agent_argv(sweep, config, tmp_path / str(i), monkeypatch)
+        assert all(tok.startswith("--") and "=" in tok for tok in argv), argv  # the agent's --name=value form
+        args = tu.parse_args(module.Args, argv)
+        for pname, value in config.items():
+            got = getattr(args, pname)
+            if isinstance(value, bool):
+                assert got is value, (pname, value, got, argv)
+                seen_bools.setdefault(pname, set()).add(got)
+            else:
+                assert got == value and type(got) is type(value), (pname, value, got, argv)
+    for pname, spec in params.items():
+        if spec.get("values") == [True, False]:
+            assert seen_bools[pname] == {True, False}, pname
+    if sweep["method"] == "grid":  # every grid value went through at least once
+        for pname, spec in params.items():
+            assert {p[pname] for p in points} == set(spec.get("values", [spec.get("value")]))
+
+
+def test_sweep_parameter_names_take_underscores_and_hyphens():
+    a = tu.parse_args(dqn.Args, ["--env_id=Pong-v5", "--distill_decay_period=10", "--clip_lambda=False", "--track=True"])
+    b = tu.parse_args(dqn.Args, ["--env-id=Pong-v5", "--distill-decay-period=10", "--no-clip-lambda", "--track"])
+    assert a == b and a.env_id == "Pong-v5" and a.track is True and a.clip_lambda is False
+
+
+# ----------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------
+def run_launcher(cwd, *argv, module=False, timeout=600):
+    entry = ["-m", "reincarnate_utils.launch"] if module else [str(LAUNCH)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, *entry, *map(str, argv)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def expected_name(env_id, seed, method="qdagger", exp="qdagger_dqn_atari_jax"):
+    return f"{env_id}__{exp}__{method}__s{seed}"
+
+
+def test_launcher_tiny_grid(tmp_path, fixture_copy):
+    teacher = fixture_copy("teacher_tf")
+    r = run_launcher(tmp_path, "--script", DQN_SCRIPT, "--env-ids", "Breakout-v5", "Atlantis-v5", "--seeds", "1", "2",
+                     "--methods", "qdagger", "--workers", "2", "--", "--teacher-checkpoint", teacher, *TINY)
+    out = r.stdout
+    assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
+    starts = [line for line in out.splitlines() if "] start " in line]
+    assert len(starts) == 4, out
+    assert all(str(DQN_SCRIPT) in line and "--teacher-checkpoint" in line for line in starts)
+    assert out.count("exit code 0 after") == 4 and "4/4 runs succeeded" in out
+
+    grid = {(e, s) for e in ("Breakout-v5", "Atlantis-v5") for s in (1, 2)}
+    folders = [d for d in (tmp_path / "runs").iterdir() if d.name != "launch-logs"]
+    assert len(folders) == 4, folders
+    found = set()
+    for d in folders:
+        args = json.loads((d / "args.json").read_text())
+        env_id, seed = args["env_id"], args["seed"]
+        name = expected_name(env_id, seed)
+        assert args["method"] == "qdagger" and args["run_name"] == name  # the launcher's deterministic name
+        # The folder is that name once the script honours --run-name; its default name also starts
+        # with the game and holds the seed.
+        assert d.name == name or (d.name.startswith(f"{env_id}__") and f"__{seed}__" in d.name), d.name
+        assert any(p.name.startswith("events.out.tfevents") for p in d.iterdir()), list(d.iterdir())
+        log = tmp_path / "runs" / "launch-logs" / f"{name}.log"
+        assert log.is_file() and "launch:" in log.read_text()
+        found.add((env_id, seed))
+    assert found == grid
+
+
+def test_launcher_dry_run_starts_nothing(tmp_path):
+    for module in (False, True):  # `python reincarnate_utils/launch.py` and `python -m reincarnate_utils.launch`
+        r = run_launcher(tmp_path, "--script", "qdagger_dqn_atari_jax.py", "--env-ids", "Breakout-v5", "Atlantis-v5",
+                         "--seeds", "1", "2", "--methods", "qdagger", "tabula-rasa", "--dry-run", "--",
+                         "--total-timesteps", "1000", module=module)
+        assert r.returncode == 0, r.stderr
+        commands = [line for line in r.stdout.splitlines() if str(DQN_SCRIPT) in line]
+        assert len(commands) == 8, r.stdout
+        for env_id, seed, method in itertools.product(("Breakout-v5", "Atlantis-v5"), (1, 2), ("qdagger", "tabula-rasa")):
+            want = (f"--env-id {env_id} --seed {seed} --method {method} "
+                    f"--run-name {expected_name(env_id, seed, method)} --total-timesteps 1000")
+            assert sum(line.endswith(want) for line in commands) == 1, want
+        assert not (tmp_path / "runs").exists()
+
+
+def test_launcher_reports_a_failing_run(tmp_path):
+    r = run_launcher(tmp_path, "--script", DQN_SCRIPT, "--env-ids", "NotAGame-v5", "--seeds", "1", "--", *TINY)
+    name = expected_name("NotAGame-v5", 1)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "run(s) failed" in r.stderr and name in r.stderr
+    assert "unknown Atari env id" in (tmp_path / "runs" / "launch-logs" / f"{name}.log").read_text()
+
+
+FAKE_SCRIPT = """
+import json, os, sys, time
+args = sys.argv[1:]
+seed = int(args[args.index("--seed") + 1])
+start = time.time()
+time.sleep(0.4)
+keys = ("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+with open("calls.jsonl", "a") as f:
+    f.write(json.dumps({"argv": args, "env": {k: os.environ.get(k) for k in keys}, "start": start, "end": time.time()}) + "\\n")
+sys.exit(3 if seed == 2 and "Atlantis-v5" in args else 0)
+"""
+
+
+def test_launcher_shares_gpus_and_names_failures(tmp_path):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_SCRIPT)
+    r = run_launcher(tmp_path, "--script", script, "--env-ids", "Breakout-v5", "Atlantis-v5", "--seeds", "1", "2", "3",
+                     "--gpus", "0", "1", "--processes-per-gpu", "2")
+    failed = expected_name("Atlantis-v5", 2, exp="fake_train")
+    assert r.returncode == 1 and f"{failed} (exit code 3)" in r.stderr, r.stdout + r.stderr
+    assert "5/6 runs succeeded" in r.stdout
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert len(calls) == 6
+    for c in calls:
+        assert c["env"]["CUDA_VISIBLE_DEVICES"] in {"0", "1"}
+        assert c["env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+        assert c["env"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.450"
+    # Never more than 2 runs on one GPU at once.
+    for c in calls:
+        same_gpu = [d for d in calls if d["env"]["CUDA_VISIBLE_DEVICES"] == c["env"]["CUDA_VISIBLE_DEVICES"]]
+        assert sum(d["start"] <= c["start"] < d["end"] for d in same_gpu) <= 2
+
+
+def test_launcher_resume_adds_the_flag_to_runs_with_a_checkpoint(tmp_path):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_SCRIPT)
+    (tmp_path / "runs" / expected_name("Pong-v5", 1, exp="fake_train") / "checkpoints").mkdir(parents=True)
+    r = run_launcher(tmp_path, "--script", script, "--env-ids", "Pong-v5", "--seeds", "1", "2", "--resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = {c["argv"][3]: c["argv"] for c in map(json.loads, (tmp_path / "calls.jsonl").read_text().splitlines())}
+    assert calls["1"][-1] == "--resume" and "--resume" not in calls["2"]
+    assert all(c["env"]["CUDA_VISIBLE_DEVICES"] is None for c in map(json.loads, (tmp_path / "calls.jsonl").read_text().splitlines()))
+
+
+def test_launcher_submitit_debug_cluster(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_SCRIPT)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / expected_name("Atlantis-v5", 1, exp="fake_train") / "checkpoints").mkdir(parents=True)
+    code = launch.main(["--script", str(script), "--env-ids", "Atlantis-v5", "--seeds", "1", "2", "--slurm",
+                        "--slurm-cluster", "debug"])
+    assert code == 1  # Atlantis-v5 seed 2 exits 3
+    calls = {c["argv"][3]: c for c in map(json.loads, (tmp_path / "calls.jsonl").read_text().splitlines())}
+    assert calls["1"]["argv"][-1] == "--resume" and "--resume" not in calls["2"]["argv"]
+    assert calls["1"]["env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+
+
+def test_launcher_refuses_grid_flags_after_dashes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        launch.main(["--script", str(DQN_SCRIPT), "--", "--seed=3"])
+    assert e.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("submitit") is not None, reason="submitit is installed")
+def test_slurm_without_submitit_says_how_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert launch.main(["--script", str(DQN_SCRIPT), "--slurm"]) == 2
+    assert "pip install submitit" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# SLURM array script
+# ----------------------------------------------------------------------------
+def emit_grid(tmp_path, monkeypatch) -> list[str]:
+    monkeypatch.chdir(tmp_path)
+    assert launch.main(["--script", str(DQN_SCRIPT), "--env-ids", "Breakout-v5", "Pong-v5", "--seeds", "1", "2",
+                        "--methods", "qdagger", "jsrl", "--emit-grid", "grid.txt", "--",
+                        "--wandb-project-name", "my project", "--clip-lambda"]) == 0
+    assert not (tmp_path / "runs").exists()
+    return (tmp_path / "grid.txt").read_text().splitlines()
+
+
+def test_emit_grid_writes_one_parsable_line_per_run(tmp_path, monkeypatch):
+    lines = emit_grid(tmp_path, monkeypatch)
+    assert len(lines) == 8
+    points = list(itertools.product(("Breakout-v5", "Pong-v5"), (1, 2), ("qdagger", "jsrl")))
+    for line, (env_id, seed, method) in zip(lines, points):
+        tokens = shlex.split(line)
+        assert tokens == ["--env-id", env_id, "--seed", str(seed), "--method", method, "--run-name",
+                          expected_name(env_id, seed, method), "--wandb-project-name", "my project", "--clip-lambda"]
+        args = tu.parse_args(dqn.Args, tokens)
+        assert (args.env_id, args.seed, args.method, args.run_name) == (env_id, seed, method, expected_name(env_id, seed, method))
+        assert args.wandb_project_name == "my project" and args.clip_lambda is True
+
+
+def run_sbatch(tmp_path, task, *args):
+    shim = tmp_path / "bin"
+    shim.mkdir(exist_ok=True)
+    fake = shim / "python"
+    fake.write_text('#!/bin/bash\nprintf "%s\\0" "$XLA_PYTHON_CLIENT_PREALLOCATE" "$XLA_PYTHON_CLIENT_MEM_FRACTION" "$@" > argv.bin\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": str(task)}
+    for var in ("REINCARNATE_PYTHON", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        env.pop(var, None)
+    (tmp_path / "argv.bin").unlink(missing_ok=True)
+    r = subprocess.run(["bash", str(SBATCH), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    recorded = (tmp_path / "argv.bin").read_bytes().decode().split("\0")[:-1] if (tmp_path / "argv.bin").exists() else None
+    return r, recorded
+
+
+def test_sbatch_runs_its_array_line_and_resumes(tmp_path, monkeypatch):
+    lines = emit_grid(tmp_path, monkeypatch)
+    for task in (1, 2, 8):
+        r, recorded = run_sbatch(tmp_path, task, "grid.txt", DQN_SCRIPT)
+        assert r.returncode == 0, r.stderr
+        assert recorded == ["false", "0.9", str(DQN_SCRIPT), *shlex.split(lines[task - 1])]
+    # A run with a checkpoint folder is resumed.
+    name = expected_name("Breakout-v5", 1, "jsrl")
+    (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
+    r, recorded = run_sbatch(tmp_path, 2, "grid.txt", DQN_SCRIPT)
+    assert r.returncode == 0 and recorded[2:] == [str(DQN_SCRIPT), *shlex.split(lines[1]), "--resume"]
+    assert f"resuming {name}" in r.stdout
+    assert tu.parse_args(dqn.Args, recorded[3:]).resume is True
+    # Other tasks are not.
+    r, recorded = run_sbatch(tmp_path, 1, "grid.txt", DQN_SCRIPT)
+    assert "--resume" not in recorded
+
+
+@pytest.mark.parametrize("task", ["9", "0", ""])
+def test_sbatch_refuses_a_task_without_a_line(tmp_path, monkeypatch, task):
+    emit_grid(tmp_path, monkeypatch)
+    r, recorded = run_sbatch(tmp_path, task, "grid.txt", DQN_SCRIPT)
+    assert r.returncode == 2 and recorded is None and "error:" in r.stderr
