@@ -901,19 +901,22 @@ def fused_scan(body, carry, k: int):
 class Learner(NamedTuple):
     """The jitted hot paths of the offline and online phases, built from the pure functions above."""
 
-    offline: callable  # (state, teacher_rb, key, step0, k, n, coefs) -> (state, key, metrics (k, ...))
-    online: callable  # (state, rb, teacher_rb, key, transition..., sync, coefs, teacher_params, n_updates=) -> (state, rb, key, metrics)
-    add: callable  # (rb, first_stream, transition...) -> rb
+    offline: callable  # (state, teacher_rb, key, step0, k, coefs) -> (state, key, metrics (k, ...)): k (static) fused updates
+    online: callable  # (state, rb, teacher_rb, key, transition..., teacher_q, coefs, n_updates=) -> (state, rb, key, metrics)
+    add: callable  # (rb, first_stream, transition..., teacher_q) -> rb
     sample: callable  # (rb, teacher_rb, key) -> (batch, ok, rehearsed mask): a prioritized online batch
-    update: callable  # (state, batch, teacher_params, coefs, key) -> (state, metrics, per-sample CE)
+    update: callable  # (state, batch, coefs, key) -> (state, metrics, per-sample CE)
     set_priorities: callable  # (rb, index, per-sample CE, keep) -> rb
+    sync: callable  # state -> state with target = online params
 
 
 METRICS = ("td_loss", "distill_loss", "cql_loss", "margin_loss", "loss", "q_values", "priority_mean", "rehearsal_share")
 
 
-def make_learner(args: Args, student: RainbowNetwork, support: jax.Array, teacher_q_fn, num_actions: int) -> Learner:
-    """teacher_q_fn(params, obs) -> (B, A) is the teacher's Q (None: no teacher)."""
+def make_learner(args: Args, student: RainbowNetwork, support: jax.Array, num_actions: int) -> Learner:
+    """Every buffer caches the teacher's Q-values of its states (the teacher data when it is made, the student's
+    replay when a step is stored: one teacher forward per agent step instead of a batch per update), so no update
+    runs the teacher."""
     update = make_update(student, support, args.temperature, args.double_dqn, args.cql_temperature, args.margin)
     sample_uniform = functools.partial(replay_sample, batch_size=args.batch_size, n_step=args.n_step, gamma=args.gamma)
     sample_prioritized = functools.partial(replay_sample_prioritized, batch_size=args.batch_size, n_step=args.n_step,
@@ -921,12 +924,10 @@ def make_learner(args: Args, student: RainbowNetwork, support: jax.Array, teache
     offline_target_every = max(args.target_network_frequency // args.train_frequency, 1)
     zero_metrics = {k: jnp.float32(0) for k in METRICS} | {"sample_ok": jnp.bool_(True)}
 
-    def teacher_q_of(teacher_params, obs, c: Coefs):
-        # The teacher runs only while a loss term uses it (lambda * c > 0 or a margin weight > 0).
-        zeros = jnp.zeros((obs.shape[0], num_actions), jnp.float32)
-        if teacher_q_fn is None:
-            return zeros
-        return cond((c.distill > 0) | (c.margin > 0), lambda: teacher_q_fn(teacher_params, obs), lambda: zeros)
+    def update_cached(state, batch: Batch, c: Coefs, key):
+        # Without a teacher the buffer caches nothing (0 columns): the teacher's terms have weight 0 then.
+        teacher_q = batch.teacher_q if batch.teacher_q.shape[-1] else jnp.zeros((batch.obs.shape[0], num_actions), jnp.float32)
+        return update(state, batch, teacher_q, c, key)
 
     def set_priorities(rb, index, td, keep):
         """priority = (CE + 1e-10)^alpha for the sampled rows of the student's replay (`keep`), not rehearsed ones."""
@@ -942,57 +943,51 @@ def make_learner(args: Args, student: RainbowNetwork, support: jax.Array, teache
         batch, ok = sample_prioritized(rb, k_rb)
         rehearsed, ok_teacher = sample_uniform(trb, k_teacher)
         pick = jax.random.uniform(k_pick, (args.batch_size,)) < args.rehearsal_ratio
-        rehearsed = rehearsed._replace(teacher_q=batch.teacher_q)  # the teacher is queried on the mixed batch
         mixed = jax.tree.map(lambda t, o: jnp.where(pick.reshape((-1,) + (1,) * (o.ndim - 1)), t, o), rehearsed, batch)
         return mixed, ok & ok_teacher, pick
 
     @functools.partial(jax.jit, donate_argnums=0, static_argnums=4)
-    def offline(state, trb, key, step0, k, n, c: Coefs):
-        """Up to k (static) fused updates on the teacher data, sampled uniformly; the first n run, the rest are skipped."""
+    def offline(state, trb, key, step0, k, c: Coefs):
+        """k (static) fused updates on the teacher data, sampled uniformly, the target synced at the same update
+        counts as one by one."""
 
         def body(carry, i):
-            def step(carry):
-                state, key = carry
-                key, sk, uk = jax.random.split(key, 3)
-                batch, ok = sample_uniform(trb, sk)
-                state, m, td = update(state, batch, batch.teacher_q, c, uk)
-                state = sync_target(state, (step0 + i + 1) % offline_target_every == 0)
-                return (state, key), m | {"priority_mean": jnp.float32(0), "rehearsal_share": jnp.float32(0), "sample_ok": ok}
-
-            return cond(i < n, step, lambda carry: (carry, zero_metrics), carry)
+            state, key = carry
+            key, sk, uk = jax.random.split(key, 3)
+            batch, ok = sample_uniform(trb, sk)
+            state, m, td = update_cached(state, batch, c, uk)
+            state = sync_target(state, (step0 + i + 1) % offline_target_every == 0)
+            return (state, key), m | {"priority_mean": jnp.float32(0), "rehearsal_share": jnp.float32(0), "sample_ok": ok}
 
         (state, key), metrics = fused_scan(body, (state, key), k)
         return state, key, metrics
 
-    def one_update(state, rb, trb, key, c, teacher_params):
+    def one_update(state, rb, trb, key, c):
         key, sk, uk = jax.random.split(key, 3)
         batch, ok, rehearsed = sample_online(rb, trb, sk)
-        state, m, td = update(state, batch, teacher_q_of(teacher_params, batch.obs, c), c, uk)
+        state, m, td = update_cached(state, batch, c, uk)
         rb = set_priorities(rb, batch.index, td, ~rehearsed)
         return state, rb, key, m | {"priority_mean": jnp.mean((td + 1e-10) ** args.per_alpha),
                                     "rehearsal_share": jnp.mean(rehearsed.astype(jnp.float32)), "sample_ok": ok}
 
-    def online_step(state, rb, trb, key, frames, actions, rewards, terminated, truncated, next_frames, sync, c: Coefs, teacher_params,
-                    n_updates: int):
-        """Store one vector step, then run the n_updates (static: it takes at most three values, 0 during the
-        warm-up, then the floor and ceiling of num_envs / train_frequency) updates due after it, each writing its
-        samples' new priorities before the next samples, and the target sync."""
-        rb = replay_add(rb, 0, frames, actions, rewards, terminated, truncated, next_frames, n_step=args.n_step)
+    def online_step(state, rb, trb, key, frames, actions, rewards, terminated, truncated, next_frames, teacher_q, c: Coefs, n_updates: int):
+        """Store one vector step (with the teacher's Q of its states, computed when they were acted on), then run the
+        n_updates (static: it takes at most three values, 0 during the warm-up, then the floor and ceiling of
+        num_envs / train_frequency) updates due after it, each writing its samples' new priorities before the next
+        samples."""
+        rb = replay_add(rb, 0, frames, actions, rewards, terminated, truncated, next_frames, teacher_q, n_step=args.n_step)
         metrics = zero_metrics
         for _ in range(n_updates):
-            state, rb, key, metrics = one_update(state, rb, trb, key, c, teacher_params)
-        return sync_target(state, sync), rb, key, metrics
-
-    def update_teacher(state, batch, teacher_params, c, key):
-        return update(state, batch, teacher_q_of(teacher_params, batch.obs, c), c, key)
+            state, rb, key, metrics = one_update(state, rb, trb, key, c)
+        return state, rb, key, metrics
 
     return Learner(offline=offline, online=jax.jit(online_step, donate_argnums=(0, 1), static_argnames="n_updates"),
                    add=jax.jit(functools.partial(replay_add, n_step=args.n_step), donate_argnums=0, static_argnums=1),
-                   sample=jax.jit(sample_online), update=jax.jit(update_teacher), set_priorities=jax.jit(set_priorities, donate_argnums=0))
+                   sample=jax.jit(sample_online), update=jax.jit(update_cached), set_priorities=jax.jit(set_priorities, donate_argnums=0),
+                   sync=jax.jit(lambda s: sync_target(s, True), donate_argnums=0))
 
 
-def learn_on_host_replay(learner: Learner, state, rb, trb, key, transition, n_updates: int, sync: bool, c: Coefs, teacher_params, compute_device,
-                         alpha: float):
+def learn_on_host_replay(learner: Learner, state, rb, trb, key, transition, n_updates: int, c: Coefs, compute_device, alpha: float):
     """`Learner.online` split for --replay-on-host: the buffer functions run where the buffer lives (the CPU), the
     update on the accelerator; the same pure functions and PRNG keys, so the results are the same."""
     rb = learner.add(rb, 0, *transition)
@@ -1001,11 +996,11 @@ def learn_on_host_replay(learner: Learner, state, rb, trb, key, transition, n_up
     for _ in range(n_updates):
         key, sk, uk = jax.random.split(key, 3)
         batch, ok, rehearsed = learner.sample(rb, trb, sk)
-        state, metrics, td = learner.update(state, jax.device_put(batch, compute_device), teacher_params, c, uk)
+        state, metrics, td = learner.update(state, jax.device_put(batch, compute_device), c, uk)
         rb = learner.set_priorities(rb, batch.index, jax.device_put(td, replay_device), ~rehearsed)
         metrics = metrics | {"priority_mean": jnp.mean((td + 1e-10) ** alpha), "rehearsal_share": jnp.mean(rehearsed.astype(jnp.float32)),
                              "sample_ok": ok}
-    return sync_target(state, jnp.bool_(sync)), rb, key, metrics
+    return state, rb, key, metrics
 
 
 # ----------------------------------------------------------------------------
@@ -1277,8 +1272,10 @@ def main(args: Args) -> None:
     dopamine_rows = meta.get("dopamine_rows", dopamine_replay.capacity if dopamine_replay is not None else 0)
     teacher_lengths = ([dopamine_rows] if dopamine else []) + [rollout_rows] * (args.num_envs if rollout_rows else 0)
     online_lengths = [-(-args.buffer_size // args.num_envs)] * args.num_envs
+    # The student's replay caches the teacher's Q of each state while a loss term may use it.
+    online_q_dim = num_actions if uses_teacher and (args.distill_coef > 0 or args.margin_coef > 0) else 0
     teacher_bytes = replay_bytes(teacher_lengths, num_actions) if need_teacher_data else 0
-    online_bytes = replay_bytes(online_lengths, 0, prioritized=True)
+    online_bytes = replay_bytes(online_lengths, online_q_dim, prioritized=True)
     memory_check(teacher_bytes + online_bytes if args.rehearsal_ratio > 0 else max(teacher_bytes, online_bytes), replay_device, "the replay buffers")
     checkpoints_on = args.checkpoint_frequency != 0
     tu.check_output_folder(run_dir, (teacher_bytes + online_bytes if checkpoints_on else 0) + (1 << 27), "a checkpoint and the logs")
@@ -1326,11 +1323,12 @@ def main(args: Args) -> None:
     # A separate target copy: the jitted steps donate the state, and one buffer cannot be donated twice.
     state = jax.device_put(QState.create(apply_fn=student.apply, params=student_params, target_params=jax.tree.map(jnp.copy, student_params),
                                          tx=optimizer), compute_device)
-    learner = make_learner(args, student, support, teacher_q_fn, num_actions)
+    learner = make_learner(args, student, support, num_actions)
     # Training actions draw fresh noise (noisy nets); evaluations use the mean weights.
     act_student = make_act(lambda p, o, k: expected_q(student.apply(p, o, key=k), support))
     act_student_eval = make_act(lambda p, o, k: expected_q(student.apply(p, o), support))
     act_teacher = make_act(lambda p, o, k: teacher_q_fn(p, o)) if uses_teacher else None
+    teacher_q_jit = jax.jit(teacher_q_fn) if uses_teacher else None
     act_jsrl = make_act_jsrl(lambda p, o, k: expected_q(student.apply(p, o, key=k), support), teacher_q_fn) if jsrl else None
 
     progress = dict(meta.get("progress", {}))
@@ -1480,23 +1478,29 @@ def main(args: Args) -> None:
             step, next_eval, offline_rate = progress["step"], progress["next_eval"], SteadyRate()
             k_static = min(args.updates_per_call or (8 if on_cpu() else 100), max(args.offline_steps, 1))
             ckpt_every = args.checkpoint_frequency or args.offline_eval_frequency or 100_000
+
+            def offline_eval() -> None:
+                """Every offline_eval_frequency updates, as the reference's runner evaluates each offline iteration."""
+                nonlocal next_eval, progress
+                t_eval = time.time()
+                returns, _, steps = evaluate_student(state.params, "offline eval", 20_000 + step)
+                offline_rate.pause(time.time() - t_eval)
+                progress = dict(step=step, next_eval=next_eval)
+                stop("offline")  # an interrupted evaluation runs again after a resume
+                if returns:
+                    writer.add_scalar("offline/eval_return", float(np.mean(returns)), step)
+                    if (tns := teacher_normalized(float(np.mean(returns)))) is not None:
+                        writer.add_scalar("offline/teacher_normalized_score", tns, step)
+                tqdm.write(f"(c) {summary(f'offline update {step}: student', returns, steps)}")
+                next_eval += args.offline_eval_frequency
+
             with tqdm(total=args.offline_steps if offline else 0, initial=step, desc="offline", file=sys.stderr, mininterval=2.0) as bar:
                 while offline and step < args.offline_steps:
-                    if args.offline_eval_frequency and step >= next_eval:  # evaluations every offline_eval_frequency updates
-                        t_eval = time.time()
-                        returns, _, steps = evaluate_student(state.params, "offline eval", 20_000 + step)
-                        offline_rate.pause(time.time() - t_eval)
-                        progress = dict(step=step, next_eval=next_eval)
-                        stop("offline")
-                        if returns:
-                            writer.add_scalar("offline/eval_return", float(np.mean(returns)), step)
-                            if (tns := teacher_normalized(float(np.mean(returns)))) is not None:
-                                writer.add_scalar("offline/teacher_normalized_score", tns, step)
-                        tqdm.write(f"(c) {summary(f'offline update {step}: student', returns, steps)}")
-                        next_eval += args.offline_eval_frequency
+                    if args.offline_eval_frequency and step >= next_eval:
+                        offline_eval()
                     boundary = min(args.offline_steps, next_eval) if args.offline_eval_frequency else args.offline_steps
-                    n = min(k_static, boundary - step)
-                    state, offline_key, metrics = learner.offline(state, teacher_rb, offline_key, jnp.int32(step), k_static, jnp.int32(n), offline_coefs)
+                    n = k_static if boundary - step >= k_static else 1  # before a boundary K does not divide: one by one
+                    state, offline_key, metrics = learner.offline(state, teacher_rb, offline_key, jnp.int32(step), n, offline_coefs)
                     metrics = jax.device_get(metrics)
                     if not metrics["sample_ok"][:n].all():
                         raise ConfigError("the teacher data has too few valid transitions to sample a batch; collect more (--teacher-steps)")
@@ -1518,11 +1522,7 @@ def main(args: Args) -> None:
                         checkpoint("offline")
             if offline:
                 if args.offline_eval_frequency and step >= next_eval:
-                    returns, _, steps = evaluate_student(state.params, "offline eval", 20_000 + step)
-                    stop("offline")
-                    if returns:
-                        writer.add_scalar("offline/eval_return", float(np.mean(returns)), step)
-                    tqdm.write(f"(c) {summary(f'offline update {step}: student', returns, steps)}")
+                    offline_eval()
                 print(f"(c) offline: {args.offline_steps} updates [{offline_rate(step):.1f} updates/s, evaluations excluded]")
                 state = sync_target(state, True)
             if args.reset_optimizer_online:  # pretraining's online phase starts a fresh Adam
@@ -1539,7 +1539,7 @@ def main(args: Args) -> None:
             p = progress
             lam, global_step, updates, update_credit = p["lam"], p["global_step"], p["updates"], p["update_credit"]
             next_target_sync, next_eval, max_roll_in = p["next_target_sync"], p["next_eval"], p["max_roll_in"]
-            teacher_actions, acted = p["teacher_actions"], p["acted"]
+            teacher_actions, acted, student_return = p["teacher_actions"], p["acted"], p.get("student_return")
             lr = online_schedule(args, lam, None, None, random_return, 0)[1]
             jsrl_rng = np.random.default_rng(args.seed + 2)
             action_log = np.zeros((-(-args.total_timesteps // args.num_envs), args.num_envs), np.uint8)  # the phase's actions, for an exact resume
@@ -1550,7 +1550,7 @@ def main(args: Args) -> None:
                 ep_ret, ep_len, resetting, ep_t, roll_in, obs = (tu.read_checkpoint_array(ck, n) for n in ("ep_ret", "ep_len", "resetting", "ep_t", "roll_in", "obs"))
                 jsrl_rng.bit_generator.state = p["jsrl_rng"]
             else:
-                rb = make_replay(online_lengths, 0, replay_device, prioritized=True)
+                rb = make_replay(online_lengths, online_q_dim, replay_device, prioritized=True)
                 ep_ret, ep_len = np.zeros(args.num_envs), np.zeros(args.num_envs, np.int64)
                 resetting, ep_t = np.zeros(args.num_envs, bool), np.zeros(args.num_envs, np.int64)
                 roll_in = jsrl_rng.integers(0, max_roll_in, args.num_envs) + 1 if max_roll_in > 0 else np.zeros(args.num_envs, np.int64)
@@ -1564,10 +1564,11 @@ def main(args: Args) -> None:
                 pending = None
                 if args.replay_on_host:
                     state, rb, online_key, m = learn_on_host_replay(learner, state, rb, teacher_rb, online_key, jax.device_put(transition, replay_device),
-                                                                    n_updates, sync, c, teacher_params, compute_device, args.per_alpha)
+                                                                    n_updates, c, compute_device, args.per_alpha)
                 else:
-                    state, rb, online_key, m = learner.online(state, rb, teacher_rb, online_key, *transition, jnp.bool_(sync), c, teacher_params,
-                                                              n_updates=n_updates)
+                    state, rb, online_key, m = learner.online(state, rb, teacher_rb, online_key, *transition, c, n_updates=n_updates)
+                if sync:
+                    state = learner.sync(state)
                 if n_updates:
                     metrics = m
 
@@ -1576,13 +1577,13 @@ def main(args: Args) -> None:
                 nonlocal progress
                 progress = dict(global_step=global_step, updates=updates, update_credit=update_credit, next_target_sync=next_target_sync,
                                 next_eval=next_eval, lam=lam, max_roll_in=max_roll_in, teacher_actions=teacher_actions, acted=acted,
-                                jsrl_rng=jsrl_rng.bit_generator.state)
+                                jsrl_rng=jsrl_rng.bit_generator.state, student_return=student_return)  # G_S of the last evaluation
                 return {**replay_arrays("rb", rb), "action_log": action_log[: global_step // args.num_envs], "obs": obs,
                         "ep_ret": ep_ret, "ep_len": ep_len, "resetting": resetting, "ep_t": ep_t, "roll_in": roll_in}
 
             def online_eval(final: bool) -> float:
                 """Evaluate the student; after an iteration (not the final one) update lambda, lr and JSRL's roll-in. Returns its seconds."""
-                nonlocal lam, lr, max_roll_in
+                nonlocal lam, lr, max_roll_in, student_return
                 frames = [] if (final and args.capture_video) else None
                 t_eval = time.time()
                 returns, _, steps = evaluate_student(state.params, "student eval", 30_000 + global_step // args.eval_frequency, frames=frames)
@@ -1633,6 +1634,7 @@ def main(args: Args) -> None:
                     teacher_actions += int((use_teacher & ~resetting).sum())
                 else:
                     actions, _, key = act_student(state.params, obs_dev, key, epsilon)
+                teacher_q = teacher_q_jit(teacher_params, obs_dev) if online_q_dim else None  # cached in the replay with this step
                 if pending is not None:
                     learn()  # dispatched after the actions: the device learns while the envs step
                 actions = np.asarray(actions)
@@ -1667,7 +1669,7 @@ def main(args: Args) -> None:
                     if global_step >= next_target_sync:
                         sync = True
                         next_target_sync += args.target_network_frequency
-                transition = (obs[:, -1], actions, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated, next_obs[:, -1])
+                transition = (obs[:, -1], actions, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated, next_obs[:, -1], teacher_q)
                 pending = (transition, n_updates, sync, coefs(args.td_coef, lam * args.distill_coef, lr, margin=lam * args.margin_coef))
                 obs = next_obs
                 if updates // args.log_frequency != (updates + n_updates) // args.log_frequency:

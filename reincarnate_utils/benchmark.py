@@ -219,7 +219,8 @@ def throughput(cfg: Throughput) -> None:
         limits = _limits(cfg, script, teacher_params)
         phases = _phases(cfg, script, teacher)
     rows = -(-args.buffer_size // cfg.num_envs) * cfg.num_envs
-    online_bytes = script.replay_bytes([rows], 0, prioritized=True) if cfg.algo == "rainbow" else script.replay_bytes([rows], 0)
+    # The student's replay caches the teacher's Q (4 actions in Breakout) while distillation is on.
+    online_bytes = script.replay_bytes([rows], 4, prioritized=True) if cfg.algo == "rainbow" else script.replay_bytes([rows], 4)
     result = {
         "algo": cfg.algo, "network": cfg.network, "num_envs": cfg.num_envs, "updates_per_call": cfg.updates_per_call or (8 if script.on_cpu() else 100),
         "device": f"{device.platform}: {device.device_kind}", **{k: round(v, 1) for k, v in {**limits, **phases}.items()},

@@ -17,7 +17,7 @@ import qdagger_rainbow_atari_jax as qr
 
 ROOT = Path(__file__).resolve().parent.parent
 # Budgets only: every method keeps its own phases and schedules (the flags below do not touch them).
-TINY = ["--num-envs", "2", "--eval-steps", "100", "--max-episode-steps", "100", "--eval-num-envs", "2", "--teacher-steps", "256",
+TINY = ["--num-envs", "2", "--eval-steps", "100", "--max-episode-steps", "100", "--eval-num-envs", "2", "--teacher-steps", "256", "--updates-per-call", "1",
         "--offline-eval-frequency", "0", "--total-timesteps", "384", "--learning-starts", "128", "--buffer-size", "1024",
         "--batch-size", "8", "--log-frequency", "8", "--checkpoint-frequency", "0"]
 

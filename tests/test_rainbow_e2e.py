@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "qdagger_rainbow_atari_jax.py"
 TINY = ["--eval-steps", "200", "--max-episode-steps", "100", "--eval-num-envs", "2", "--teacher-steps", "256",
-        "--offline-steps", "32", "--updates-per-call", "16", "--offline-eval-frequency", "0", "--total-timesteps", "512",
+        "--offline-steps", "32", "--updates-per-call", "1", "--offline-eval-frequency", "0", "--total-timesteps", "512",
         "--learning-starts", "128", "--buffer-size", "1024", "--batch-size", "8", "--eval-frequency", "256", "--log-frequency", "8"]
 OFFLINE_STEPS, TOTAL, LEARNING_STARTS, LOG_FREQ, TRAIN_FREQ = 32, 512, 128, 8, 4
 

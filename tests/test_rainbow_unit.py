@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tyro
-from scipy import stats
 
 import qdagger_rainbow_atari_jax as qr
 from replay_adapter import DeviceReplay

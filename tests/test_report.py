@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("rliable")
+import rliable  # noqa: F401,E402 - the dev extra installs it: a missing rliable is a failure, not a skip
 from rliable import library as rly  # noqa: E402
 from rliable import metrics  # noqa: E402
 

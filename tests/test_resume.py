@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "qdagger_dqn_atari_jax.py"
 # Small but long enough to be killed in each phase; a checkpoint every 16 agent steps (and 16 offline updates).
 FLAGS = ["--num-envs", "2", "--eval-steps", "100", "--max-episode-steps", "100", "--eval-num-envs", "2", "--teacher-steps", "384",
-         "--offline-steps", "48", "--updates-per-call", "8", "--offline-eval-frequency", "24", "--total-timesteps", "512",
+         "--offline-steps", "48", "--updates-per-call", "2", "--offline-eval-frequency", "24", "--total-timesteps", "512",
          "--learning-starts", "128", "--buffer-size", "1024", "--batch-size", "8", "--eval-frequency", "256", "--log-frequency", "8",
          "--checkpoint-frequency", "16", "--keep-checkpoints", "2", "--save-model"]
 
@@ -96,7 +96,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, fixture_copy, uninterrupted,
     assert not (run_dir / "qdagger_dqn_atari_jax.cleanrl_model").exists()
     rc, out, err = finish(start(tmp_path, "cut", "--resume", teacher=teacher))
     assert rc == 0, err[-3000:]
-    assert f"(resumed from ckpt-" in out and f"phase {phase})" in out
+    assert "(resumed from ckpt-" in out and f"phase {phase})" in out
     assert final_line(out) == final_line(out_whole)
     assert (run_dir / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes() == (whole / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes()
     resumed, reference = one_value_per_step(run_dir), one_value_per_step(whole)
