@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import dataclasses
 import difflib
 import errno
@@ -57,6 +58,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -924,6 +926,32 @@ def _read_run_args(folder: Path) -> dict:
     return args
 
 
+def _unfinished_phase(folder: Path) -> str | None:
+    """The phase of the newest complete resume checkpoint of one of our run folders, unless the run finished.
+
+    The scripts save the model on SIGINT/SIGTERM too, so a model file alone does not mean a finished run; its last
+    checkpoint does (phase "done").  Only meta.json is read: the crcs matter to --resume, not to this question.
+    """
+    root = folder / "checkpoints"
+    if not root.is_dir():
+        return None  # --checkpoint-frequency 0 and never interrupted: the model is the finished run's
+    for ckpt in sorted((p for p in root.glob("ckpt-*") if (p / CHECKPOINT_SENTINEL).is_file()), reverse=True):
+        try:
+            meta = json.loads((ckpt / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue  # as latest_checkpoint does: a damaged one does not count, the previous one does
+        phase = meta.get("phase") if isinstance(meta, dict) else None
+        if not isinstance(phase, str) or phase == "done":
+            return None
+        # With --checkpoint-frequency 0 a run interrupted (forced checkpoint), resumed and finished writes no "done"
+        # checkpoint, but it writes its Q probe after the model at the end, which an interrupted run never does.
+        probe = folder / _PROBE_FILE
+        if probe.is_file() and probe.stat().st_mtime_ns > (ckpt / "meta.json").stat().st_mtime_ns:
+            return None
+        return phase
+    return None
+
+
 def _flax_model_source(path: Path) -> tuple[Path, dict | None] | None:
     """(model file, args.json of its run or None) when ``path`` is a flax model rather than a Dopamine checkpoint."""
     if path.is_dir():
@@ -935,10 +963,16 @@ def _flax_model_source(path: Path) -> tuple[Path, dict | None] | None:
                 others = sorted(path.glob(f"*{MODEL_SUFFIX}"))
                 if len(others) != 1:
                     raise CheckpointError(
-                        f"run folder {path} has no {exp}{MODEL_SUFFIX}: the run was not saved with --save-model or has not finished; "
-                        f"pass a finished run saved with --save-model, or a model file"
+                        f"run folder {path} has no {exp}{MODEL_SUFFIX}: the run was started without --save-model, or is still running, or "
+                        f"was killed before it could save; pass a run saved with --save-model, or a model file"
                     )
                 model = others[0]
+            phase = _unfinished_phase(path)
+            if phase is not None:
+                raise CheckpointError(
+                    f"run folder {path} holds the model of a run interrupted in phase {phase}; resume it with --resume to finish it, "
+                    f"or pass the model file {model} itself to use the unfinished params"
+                )
             return model, args
         models = sorted(path.glob(f"*{MODEL_SUFFIX}"))
         dopamine = (path / "checkpoints").is_dir() or any(re.fullmatch(r"(tf_)?ckpt[.-]\d+.*", p.name) for p in path.iterdir())
@@ -1062,8 +1096,9 @@ def _check_probe(ckpt: TeacherCheckpoint, probe_file: Path) -> None:
     try:
         with np.load(probe_file, allow_pickle=False) as z:
             obs, q_saved = np.asarray(z["obs"]), np.asarray(z["q"], np.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{probe_file} is not a readable Q probe ({_one_line(e)}); restore it from the run or delete it to skip the check") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # EOFError: empty; BadZipFile: truncated
+        raise CheckpointError(f"{probe_file} is not a readable Q probe ({type(e).__name__}: {_one_line(e)}); restore it from the run or "
+                              f"delete it to skip the check") from None
     if obs.dtype != np.uint8 or obs.ndim != 4 or obs.shape[1:] != (4, 84, 84) or q_saved.shape != (obs.shape[0], ckpt.num_actions):
         raise CheckpointError(
             f"{probe_file} holds obs {obs.dtype.name}{list(obs.shape)} and Q {list(q_saved.shape)}, not uint8 [N, 4, 84, 84] and "
@@ -1133,7 +1168,7 @@ def download_hf(address: str, cache_dir: str | os.PathLike | None = None, *, bas
     ``HF_ENDPOINT`` does) and return the local file.  A file already in the cache loads offline."""
     m = re.fullmatch(r"hf://([^/@]+/[^/@]+)(?:@([^/]+))?/(.+)", address)
     if not m:
-        raise TeacherError(f"{address!r} is not a Hub file address; use hf://<owner>/<repo>/<file>, e.g. hf://cleanrl/Breakout-v5-dqn_atari_jax-seed1/dqn_atari_jax.cleanrl_model")
+        raise TeacherError(f"{address!r} is not a Hub file address; use hf://<owner>/<repo>/<file>, e.g. hf://cleanrl/BreakoutNoFrameskip-v4-dqn_atari_jax-seed1/dqn_atari_jax.cleanrl_model")
     repo_id, revision, filename = m[1], m[2], m[3]
     try:
         from huggingface_hub import hf_hub_download
@@ -1587,8 +1622,22 @@ def _read_gz_file(
         raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); {fix}") from None
 
 
+def _not_dopamine_replay(source: str) -> CheckpointError:
+    return CheckpointError(f"{source} is not a Dopamine checkpoint, so it has no Dopamine replay; use --teacher-data rollout")
+
+
+def _is_flax_teacher(path: Path) -> bool:
+    """A run folder of our scripts or a flax model (CleanRL's or ours): teachers that come without a Dopamine replay."""
+    try:
+        return _flax_model_source(path) is not None
+    except CheckpointError:  # raised only for folders with args.json: ours, even when unusable as a teacher
+        return True
+
+
 def _resolve_replay(source: Path, iteration: int | None) -> tuple[Path, int, int | None]:
     """Turn a user path into (folder, file suffix, teacher iteration)."""
+    if _is_flax_teacher(source):
+        raise _not_dopamine_replay(str(source))
     if not source.is_dir():
         raise CheckpointError(
             f"replay source {source} is not a folder; pass a run folder (.../DQN_400/Breakout/1), a folder holding $store$_*_ckpt.<N>.gz files, or a gs:// address"
@@ -1837,6 +1886,8 @@ def load_dopamine_replay(
     update_horizon = int(update_horizon)
     src = str(source)
     teacher_iteration: int | None
+    if src.startswith("hf://"):  # the Hub holds CleanRL models: parameters only
+        raise _not_dopamine_replay(src)
     if src.startswith("gs://"):
         run, it = _download_replay_gs(src, iteration, cache_dir, base_url, progress)
         folder, suffix, teacher_iteration = _resolve_replay(run, it)
@@ -2169,17 +2220,28 @@ def check_output_folder(folder: Path, need_bytes: int, what: str) -> None:
                        f"free some space, pass --checkpoint-frequency 0 (no checkpoints) or a smaller --buffer-size")
 
 
-def check_wandb(track: bool) -> None:
-    """With --track, a missing W&B login is one error line before any work (offline/disabled modes need none)."""
-    if not track or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
-        return
-    try:
-        import wandb
+def _wandb_key_configured() -> bool:
+    """Whether wandb.init will find an API key, looked up where wandb looks (the environment, then the netrc entry
+    of the W&B host) without wandb itself: its Api() can prompt on a terminal or wait on the network."""
+    import netrc
 
-        if wandb.Api().api_key:
-            return
-    except Exception:  # noqa: BLE001 - any failure here means "not logged in"
-        pass
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    base_url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    host = urllib.parse.urlsplit(base_url).netloc or base_url.strip("/")  # wandb's netrc machine is the URL's netloc
+    path = Path(os.environ["NETRC"]).expanduser() if os.environ.get("NETRC") else Path.home() / ".netrc"
+    try:
+        creds = netrc.netrc(str(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):  # missing or malformed: wandb reads no key from it either
+        return False
+    return bool(creds and creds[2])
+
+
+def check_wandb(track: bool) -> None:
+    """With --track, a missing W&B login is one error line before any work (offline/disabled modes need none).
+    Only the key's presence is checked, locally; a wrong key or an unreachable server is left to wandb.init."""
+    if not track or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or _wandb_key_configured():
+        return
     raise RunError("--track needs a Weights & Biases login: run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to log locally")
 
 
@@ -2212,7 +2274,9 @@ def write_checkpoint(root: Path, seq: int, arrays: Mapping[str, Any], meta: Mapp
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{seq:06d}"
     tmp = root / f".tmp-ckpt-{seq:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    aside = root / f".old-ckpt-{seq:06d}-{os.getpid()}"
+    for leftover in (tmp, aside):
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
     files = {}
     try:
@@ -2229,20 +2293,66 @@ def write_checkpoint(root: Path, seq: int, arrays: Mapping[str, Any], meta: Mapp
         (tmp / CHECKPOINT_SENTINEL).write_text("done")
         for p in (tmp / "meta.json", tmp / CHECKPOINT_SENTINEL, tmp):
             _fsync(p)
+        # A folder of the same seq (left by a run that resumed from an earlier one) moves aside and is deleted only
+        # after the new one is in place: a kill midway never leaves a half-deleted folder under a checkpoint's name.
         if final.exists():
-            shutil.rmtree(final)
+            os.rename(final, aside)
         os.rename(tmp, final)
         _fsync(root)
+        shutil.rmtree(aside, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside.exists() and not final.exists():  # the new one never took its place: put the old one back
+            with contextlib.suppress(OSError):
+                os.rename(aside, final)
         raise RunError(f"could not write a checkpoint to {final} ({e.strerror or e}); free disk space or pass --checkpoint-frequency 0") from None
     complete = sorted(p for p in root.glob("ckpt-*") if (p / CHECKPOINT_SENTINEL).is_file())
     for old in complete[: max(len(complete) - keep, 0)]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-ckpt-*"):  # left by a killed writer
+    for stale in (*root.glob(".tmp-ckpt-*"), *root.glob(".old-ckpt-*")):  # left by a killed writer
         if stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+_RUN_LOCKS: dict[str, int] = {}
+"""The run-folder locks this process holds (folder -> file descriptor): open until released or the process exits."""
+
+
+def lock_run_folder(folder: Path) -> None:
+    """Take ``folder/.lock`` (flock, exclusive) for the rest of this process, so two runs never write one folder.
+
+    flock locks vanish with their process, however it ends, so a killed run leaves no stale lock behind."""
+    import fcntl
+
+    path = folder / ".lock"
+    if str(folder.resolve()) in _RUN_LOCKS:  # held already by this process (a resume run in the same interpreter)
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunError(f"cannot open {path} ({e.strerror or e}); run from a writable folder or fix its permissions") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        try:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise RunError(f"cannot lock {path} ({e.strerror or e}); put the run folder on a file system that supports flock") from None
+        raise RunError(f"another process is running in {folder} (pid {holder} per .lock); wait for it to end or pass another --run-name") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _RUN_LOCKS[str(folder.resolve())] = fd
+
+
+def unlock_run_folder(folder: Path) -> None:
+    """Release the lock ``lock_run_folder`` took (the run is over); nothing if this process does not hold it."""
+    fd = _RUN_LOCKS.pop(str(folder.resolve()), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def latest_checkpoint(root: Path) -> tuple[Path, dict] | None:
@@ -2265,6 +2375,15 @@ def read_checkpoint_array(ckpt: Path, name: str) -> np.ndarray:
     return np.load(ckpt / f"{name}.npy", allow_pickle=False)
 
 
+def _say_now(text: str) -> None:
+    """Write to stderr from a signal handler: os.write, not print, since a signal that lands while the main thread
+    writes to sys.stderr would make print re-enter that buffered stream ("RuntimeError: reentrant call")."""
+    try:
+        os.write(2, text.encode())
+    except OSError:  # stderr closed or a broken pipe: the signal must still take effect
+        pass
+
+
 class Interrupt:
     """SIGINT/SIGTERM set ``requested``: the training loop finishes its step, checkpoints and exits. A second
     signal exits at once."""
@@ -2279,10 +2398,10 @@ class Interrupt:
         import signal
 
         if self.requested:
-            print(f"\n{signal.Signals(signum).name} again: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            _say_now(f"\n{signal.Signals(signum).name} again: exiting now, without a checkpoint\n")
             os._exit(128 + signum)
         self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested}: finishing this step and writing a checkpoint (send it again to exit at once)", file=sys.stderr, flush=True)
+        _say_now(f"\n{self.requested}: finishing this step and writing a checkpoint (send it again to exit at once)\n")
 
     def restore(self) -> None:
         import signal

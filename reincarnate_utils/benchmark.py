@@ -274,7 +274,7 @@ class ReplayLoad:
     frames: int = 1_000_000
     """rows of the replay written (Dopamine's replay capacity is 1M)"""
     folder: str | None = None
-    """where to write it (default a temporary folder; needs about 1 GB of disk)"""
+    """the folder to write it in, in a temporary subfolder removed afterwards (default: the system's temporary folder; needs about 1 GB of disk)"""
 
 
 def _write_dopamine_replay(folder: Path, capacity: int) -> None:
@@ -320,8 +320,17 @@ print(load, time.perf_counter() - t, len(valid), r.frames.nbytes, base, resource
 
 
 def replay_load(cfg: ReplayLoad) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(cfg.folder or tmp) / "replay"
+    import shutil
+
+    # A fresh subfolder even inside --folder: files the user keeps there are never touched, and it goes away
+    # however the load ends.
+    try:
+        if cfg.folder:
+            Path(cfg.folder).mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="replay-load-", dir=cfg.folder))
+    except OSError as e:
+        raise SystemExit(f"error: cannot create a folder in {cfg.folder or tempfile.gettempdir()} ({e.strerror or e}); pass a writable --folder")
+    try:
         t = time.perf_counter()
         _write_dopamine_replay(folder, cfg.frames)
         size = sum(f.stat().st_size for f in folder.iterdir())
@@ -332,10 +341,8 @@ def replay_load(cfg: ReplayLoad) -> None:
         load, valid_s, valid, frame_bytes, base_kb, peak_kb = r.stdout.split()
         print(f"load_dopamine_replay: {float(load):.1f} s; frames {int(frame_bytes) / 2**30:.2f} GiB; peak RSS {int(peak_kb) / 2**20:.2f} GiB "
               f"({int(base_kb) / 2**20:.2f} GiB after imports); valid_indices {1e3 * float(valid_s):.0f} ms ({int(valid):,} valid for n = 3)")
-        if cfg.folder:
-            for f in folder.iterdir():
-                f.unlink()
-            folder.rmdir()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:

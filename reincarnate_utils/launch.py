@@ -23,6 +23,10 @@ What it does:
   (default ``runs/launch-logs/``; appended to, one header line per start);
 * prints each run's exit code and wall time when it ends, and at the end a summary;
   exits 1 if any run failed, naming those runs and their log files;
+* on Ctrl-C (or SIGTERM to the launcher) it sends each running run one SIGTERM (the runs
+  have their own sessions, so the terminal's SIGINT does not reach them too), waits up
+  to ``--stop-timeout`` seconds (default 600) while they checkpoint and exit, then kills
+  what is left; a second Ctrl-C kills them at once. Relaunch with ``--resume`` to continue;
 * ``--dry-run`` only prints the commands;
 * ``--resume`` adds ``--resume`` to the runs whose ``runs/RUN_NAME/checkpoints``
   folder exists (so relaunching the same grid continues interrupted runs);
@@ -47,10 +51,12 @@ is no gpus-per-run setting. Without ``--gpus`` the environment is passed unchang
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -160,13 +166,18 @@ class LocalLauncher:
     """Runs commands with at most len(slots) at once; each slot is the environment a child gets
     (one slot per worker, or processes_per_gpu slots per GPU)."""
 
-    def __init__(self, python: str, script: str, log_dir: Path, cwd: Path, slots: list[dict[str, str]]):
+    def __init__(self, python: str, script: str, log_dir: Path, cwd: Path, slots: list[dict[str, str]],
+                 stop_timeout: float = 600.0):
         self.python, self.script, self.log_dir, self.cwd = python, script, log_dir, cwd
+        self.stop_timeout = stop_timeout
         self.slots: queue.Queue[dict[str, str]] = queue.Queue()
         for slot in slots:
             self.slots.put(slot)
         self.print_lock = threading.Lock()
         self.procs: dict[int, subprocess.Popen] = {}
+        # Held while a child starts and while stop() reads the children: a run starting during a Ctrl-C is either
+        # stopped with the others or never started.
+        self.procs_lock = threading.Lock()
         self.stopping = threading.Event()
 
     def say(self, msg: str) -> None:
@@ -177,19 +188,27 @@ class LocalLauncher:
         log = self.log_dir / f"{run.run_name}.log"
         slot = self.slots.get()
         try:
-            if self.stopping.is_set():
-                return Result(run, None, 0.0, log)
             run.env = dict(slot)
             argv = run.argv(self.python, self.script)
             command = format_command(argv, run.env)
-            self.say(f"[{index}/{total}] start {run.run_name}: {command}")
-            start = time.monotonic()
-            with open(log, "a") as f:
+            with self.procs_lock:
+                if self.stopping.is_set():
+                    return Result(run, None, 0.0, log)
+                self.say(f"[{index}/{total}] start {run.run_name}: {command}")
+                start = time.monotonic()
+                f = open(log, "a")
                 f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} launch: {command}\n")
                 f.flush()
-                proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        cwd=self.cwd, env={**os.environ, **run.env})
+                # Own session: a terminal's Ctrl-C reaches only the launcher, which then sends each run one SIGTERM.
+                # The scripts take a second signal as "exit now, no checkpoint", so they must not get both.
+                try:
+                    proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            cwd=self.cwd, env={**os.environ, **run.env}, start_new_session=True)
+                except BaseException:
+                    f.close()
+                    raise
                 self.procs[proc.pid] = proc
+            with f:
                 try:
                     code = proc.wait()
                 finally:
@@ -224,19 +243,40 @@ class LocalLauncher:
                 while t.is_alive():
                     t.join(timeout=0.5)
         except KeyboardInterrupt:
-            self.stopping.set()
-            self.say("interrupted: stopping the running runs (their logs keep what they wrote)")
-            for proc in list(self.procs.values()):
-                proc.terminate()
-            for proc in list(self.procs.values()):
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            self.stop()
             for t in threads:
                 t.join(timeout=5)
         return [r if r is not None else Result(run, None, 0.0, self.log_dir / f"{run.run_name}.log")
                 for r, run in zip(threads_results, runs)]
+
+    def stop(self) -> None:
+        """After a Ctrl-C: one SIGTERM to each run (it checkpoints and exits), then wait up to stop_timeout; a
+        second Ctrl-C, or the timeout, kills them."""
+        with self.procs_lock:
+            self.stopping.set()
+            procs = list(self.procs.values())
+        if not procs:
+            return
+        self.say(f"interrupted: sent SIGTERM to {len(procs)} running run(s); waiting up to {self.stop_timeout:g} s while "
+                 f"they write a checkpoint (Ctrl-C again kills them; relaunch with --resume to continue)")
+        deadline = time.monotonic() + self.stop_timeout
+        try:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)  # (Popen skips a run already reaped: its pid may be reused)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=max(deadline - time.monotonic(), 0))
+                except subprocess.TimeoutExpired:
+                    self.say(f"run pid {proc.pid} did not exit within --stop-timeout {self.stop_timeout:g} s: killing it")
+                    proc.kill()
+        except KeyboardInterrupt:
+            self.say("interrupted again: killing the runs (they write no checkpoint now)")
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
 
 
 def summarize(results: Sequence[Result]) -> int:
@@ -336,6 +376,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="add --resume to runs whose runs/RUN_NAME/checkpoints exists (continue an interrupted grid)")
     p.add_argument("--python", default=sys.executable, help="interpreter for the runs (default: this one)")
+    p.add_argument("--stop-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="on Ctrl-C (or SIGTERM to the launcher) each running run gets one SIGTERM, checkpoints and exits; "
+                        "wait this long for them before killing them (a second Ctrl-C kills them at once; default: 600)")
     p.add_argument("--gpus", nargs="+", default=None, metavar="ID",
                    help="GPU ids to share out: each run gets CUDA_VISIBLE_DEVICES=<one of them>")
     p.add_argument("--processes-per-gpu", type=int, default=1, help="runs sharing one GPU at once (default: 1)")
@@ -425,9 +468,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return submit_slurm(opts, runs, script, cwd)
 
     print(f"{len(runs)} runs, {len(slots)} at once; logs in {opts.log_dir}", flush=True)
-    launcher = LocalLauncher(opts.python, script, Path(opts.log_dir), cwd, slots)
-    results = launcher.run_all(runs)
+    launcher = LocalLauncher(opts.python, script, Path(opts.log_dir), cwd, slots, stop_timeout=opts.stop_timeout)
+    # `kill <launcher>` stops the grid as Ctrl-C does: the runs have their own sessions and would go on unwatched.
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+    try:
+        results = launcher.run_all(runs)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return summarize(results)
+
+
+def _sigterm_as_ctrl_c(signum, frame) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -51,7 +51,22 @@ FIGURES = {
 # W&B export columns (see --help): the first one present wins.
 WANDB_NAME_COLUMNS = ("Name", "name", "run_name", "display_name", "run", "ID", "id")
 WANDB_STEP_COLUMNS = ("global_step", "_step", "Step", "step")
-RUN_NAME_RE = re.compile(r"^(?P<env_id>[^_/]+-v\d+)__(?P<exp_name>.+)__(?P<seed>-?\d+)__\d+$")
+_FIELD = r"(?:(?!__).)+"  # one part of a run name: anything without "__"
+# Run folder names, for runs without args.json: teacher_utils.default_run_name's, the launcher's and CleanRL's.
+RUN_NAME_RES = (
+    re.compile(rf"^(?P<env_id>[^_/]+-v\d+)__(?P<exp_name>.+)__(?P<method>{_FIELD})__(?P<seed>-?\d+)__\d{{8}}-\d{{6}}-[0-9a-f]{{6}}$"),
+    re.compile(rf"^(?P<env_id>[^_/]+-v\d+)__(?P<exp_name>.+)__(?P<method>{_FIELD})__s(?P<seed>-?\d+)$"),
+    re.compile(r"^(?P<env_id>[^_/]+-v\d+)__(?P<exp_name>.+)__(?P<seed>-?\d+)__\d+$"),
+)
+RUN_NAME_FORMS = "<env_id>__<exp_name>__<method>__<seed>__<time>-<hex>, <env_id>__<exp_name>__<method>__s<seed> or <env_id>__<exp_name>__<seed>__<time>"
+
+
+def parse_run_name(name: str) -> dict[str, Any]:
+    """env_id, exp_name, seed and (when the name holds it) method from a run folder's name; {} for another name."""
+    for pattern in RUN_NAME_RES:
+        if m := pattern.match(name):
+            return {k: int(v) if k == "seed" else v for k, v in m.groupdict().items()}
+    return {}
 
 DESCRIPTION = """\
 Aggregate the results of Reincarnating RL runs with rliable (Agarwal et al., 2021):
@@ -67,8 +82,10 @@ inputs
   or TensorBoard event files; its subfolders are not searched. From each run:
     args.json          env_id, seed, method (absent: "qdagger"), exp_name (script).
                        Without args.json the run's "hyperparameters" text summary
-                       and then the folder name <env_id>__<exp_name>__<seed>__<time>
-                       are used.
+                       and then the folder name are used: the scripts' default
+                       <env_id>__<exp_name>__<method>__<seed>__<YYYYmmdd-HHMMSS>-<hex>,
+                       the launcher's <env_id>__<exp_name>__<method>__s<seed>, or
+                       CleanRL's <env_id>__<exp_name>__<seed>__<unix time>.
     eval/episodic_return   the student's evaluations; the step is the online
                        agent step; the last one is the run's final score G_S.
     teacher/mean_return    G_T, the teacher's evaluation return (step 0).
@@ -284,9 +301,7 @@ def read_run_dir(path: Path) -> Run | None:
     from tensorboard.backend.event_processing import event_accumulator as ea
 
     config: dict[str, Any] = {}
-    m = RUN_NAME_RE.match(path.name)
-    if m:
-        config.update(env_id=m["env_id"], exp_name=m["exp_name"], seed=int(m["seed"]))
+    config.update(parse_run_name(path.name))
     try:
         acc = ea.EventAccumulator(str(path), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
         acc.Reload()
@@ -314,7 +329,7 @@ def read_run_dir(path: Path) -> Run | None:
             return None
         config.update(loaded)
     if not config.get("env_id"):
-        warn(f"skipping {path}: no env_id (no args.json, hyperparameters text or <env_id>__<exp_name>__<seed>__<time> name)")
+        warn(f"skipping {path}: no env_id (no args.json, hyperparameters text or run name of the forms {RUN_NAME_FORMS})")
         return None
     scalars = set(tags.get("scalars", []))
     if EVAL_TAG not in scalars:

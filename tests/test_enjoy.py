@@ -217,5 +217,5 @@ def test_source_names():
     assert enjoy.source_name("/data/DQN_400/Breakout/1/checkpoints/") == "Breakout-1"
     assert enjoy.source_name("runs/my_run/") == "my_run"
     assert enjoy.source_name("runs/my_run/qdagger_dqn_atari_jax.cleanrl_model") == "qdagger_dqn_atari_jax"
-    assert enjoy.source_name("hf://cleanrl/Breakout-v5-dqn_atari_jax-seed1/dqn_atari_jax.cleanrl_model") == "Breakout-v5-dqn_atari_jax-seed1"
+    assert enjoy.source_name("hf://cleanrl/BreakoutNoFrameskip-v4-dqn_atari_jax-seed1/dqn_atari_jax.cleanrl_model") == "BreakoutNoFrameskip-v4-dqn_atari_jax-seed1"
     assert enjoy.source_name("gs://rl_checkpoints/DQN_400/Pong/2") == "Pong-2"

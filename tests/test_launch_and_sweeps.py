@@ -16,8 +16,10 @@ import math
 import os
 import random
 import shlex
+import signal
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -286,6 +288,86 @@ def test_launcher_resume_adds_the_flag_to_runs_with_a_checkpoint(tmp_path):
     calls = {c["argv"][3]: c["argv"] for c in map(json.loads, (tmp_path / "calls.jsonl").read_text().splitlines())}
     assert calls["1"][-1] == "--resume" and "--resume" not in calls["2"]
     assert all(c["env"]["CUDA_VISIBLE_DEVICES"] is None for c in map(json.loads, (tmp_path / "calls.jsonl").read_text().splitlines()))
+
+
+SIGNAL_SCRIPT = """
+import os, signal, sys, time
+args = sys.argv[1:]
+seed = args[args.index("--seed") + 1]
+
+def handle(signum, frame):
+    with open(f"signals-{seed}.txt", "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+    if os.environ["FAKE_ON_SIGTERM"] == "checkpoint":  # as the scripts: finish the step, checkpoint, exit
+        time.sleep(0.5)
+        open(f"checkpoint-{seed}", "w").close()
+        sys.exit(130)
+
+signal.signal(signal.SIGINT, handle)
+signal.signal(signal.SIGTERM, handle)
+with open(f"started-{seed}", "w") as f:
+    f.write(str(os.getpid()))
+while True:
+    time.sleep(0.05)
+"""
+
+
+def start_interruptible_grid(tmp_path, on_sigterm, *argv):
+    """The launcher on 3 runs of SIGNAL_SCRIPT, 2 at once, in its own process group as a terminal's foreground job,
+    once both first runs have started."""
+    script = tmp_path / "fake_train.py"
+    script.write_text(SIGNAL_SCRIPT)
+    env = {**os.environ, "FAKE_ON_SIGTERM": on_sigterm, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(LAUNCH), "--script", str(script), "--env-ids", "Pong-v5", "--seeds", "1", "2", "3",
+                             "--workers", "2", *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"started-{s}").is_file() and (tmp_path / f"started-{s}").read_text() for s in (1, 2)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    return proc
+
+
+def ctrl_c(proc):
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: SIGINT to the foreground process group
+
+
+def test_ctrl_c_sends_each_run_one_sigterm_and_waits_for_its_checkpoint(tmp_path):
+    proc = start_interruptible_grid(tmp_path, "checkpoint")
+    ctrl_c(proc)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out + err
+    for seed in (1, 2):  # not SIGINT as well: a second signal makes the scripts exit without a checkpoint
+        assert (tmp_path / f"signals-{seed}.txt").read_text() == "SIGTERM\n"
+        assert (tmp_path / f"checkpoint-{seed}").is_file()
+    assert not (tmp_path / "started-3").exists() and "not started" in out
+    assert "interrupted: sent SIGTERM to 2 running run(s)" in out and "Traceback" not in err
+
+
+def test_a_second_ctrl_c_or_the_stop_timeout_kills_the_runs(tmp_path):
+    (tmp_path / "again").mkdir()
+    proc = start_interruptible_grid(tmp_path / "again", "ignore")
+    pids = [int((tmp_path / "again" / f"started-{s}").read_text()) for s in (1, 2)]
+    ctrl_c(proc)
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / "again" / f"signals-{s}.txt").is_file() for s in (1, 2)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    start = time.monotonic()
+    ctrl_c(proc)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - start < 15 and "interrupted again: killing the runs" in out, out + err
+    for seed, pid in zip((1, 2), pids):
+        assert (tmp_path / "again" / f"signals-{seed}.txt").read_text() == "SIGTERM\n"
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+    (tmp_path / "timeout").mkdir()
+    proc = start_interruptible_grid(tmp_path / "timeout", "ignore", "--stop-timeout", "1")
+    ctrl_c(proc)
+    out, err = proc.communicate(timeout=30)
+    assert out.count("did not exit within --stop-timeout 1 s: killing it") == 2, out + err
+    assert proc.returncode == 1 and "Traceback" not in err
 
 
 def test_launcher_submitit_debug_cluster(tmp_path, monkeypatch):

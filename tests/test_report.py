@@ -416,3 +416,27 @@ def test_run_folder_without_args_json_and_group_by(tmp_path, capsys):
     code, out, err = run_cli([str(tmp_path), "--out", str(tmp_path / "o"), "--reps", "10", "--group-by", "distill_coef"], capsys)
     assert code == 0, err
     assert "| 0.0 | 1 | 1 |" in out and "| ? | 1 | 1 |" in out  # a key a run lacks reads "?"
+
+
+def test_run_folder_names_of_the_scripts_and_the_launcher(tmp_path, capsys):
+    from reincarnate_utils import launch
+
+    names = {
+        "default": tu.default_run_name("Breakout-v5", "qdagger_dqn_atari_jax", "tabula-rasa", 3),
+        "launcher": launch.run_name_for("Pong-v5", "qdagger_dqn_atari_jax", "jsrl", 12),
+        "cleanrl": "Breakout-v5__qdagger_dqn_atari_jax__7__1700000000",
+    }
+    assert report.parse_run_name(names["default"]) == {"env_id": "Breakout-v5", "exp_name": "qdagger_dqn_atari_jax",
+                                                       "method": "tabula-rasa", "seed": 3}
+    assert report.parse_run_name(names["launcher"]) == {"env_id": "Pong-v5", "exp_name": "qdagger_dqn_atari_jax",
+                                                        "method": "jsrl", "seed": 12}
+    assert report.parse_run_name(names["cleanrl"]) == {"env_id": "Breakout-v5", "exp_name": "qdagger_dqn_atari_jax", "seed": 7}
+    assert report.parse_run_name("my-run") == {}
+    # No args.json and no hyperparameters text: the folder name alone gives game, method and seed.
+    for key in ("default", "launcher"):
+        game = "Breakout" if key == "default" else "Pong"
+        make_run(tmp_path, names[key], None, [(1, raw_return(game, 0.5))])
+    code, out, err = run_cli([str(tmp_path), "--out", str(tmp_path / "o"), "--reps", "10", "--normalize", "raw"], capsys)
+    assert code == 0, err
+    rows = {(r["method"], r["game"], r["seed"]) for r in read_csv(tmp_path / "o" / "scores.csv")}
+    assert rows == {("tabula-rasa", "Breakout", "3"), ("jsrl", "Pong", "12")}

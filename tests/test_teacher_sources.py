@@ -206,6 +206,68 @@ def test_corrupt_model_and_probe_mismatch_are_one_line_errors(runs, tmp_path):
         tu.load_teacher(run.folder, iteration=3)
 
 
+def add_resume_checkpoint(folder: Path, seq: int, phase: str) -> Path:
+    """A complete resume checkpoint as tu.write_checkpoint lays it out (only meta.json matters to a teacher)."""
+    ckpt = folder / "checkpoints" / f"ckpt-{seq:06d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"seq": seq, "phase": phase, "files": {}}))
+    (ckpt / tu.CHECKPOINT_SENTINEL).write_text("done")
+    return ckpt
+
+
+def test_an_interrupted_run_folder_is_refused_but_its_model_file_loads(runs, tmp_path):
+    run = runs["dqn-nature"]
+    folder = copy_run(run, tmp_path / "interrupted")
+    (folder / tu._PROBE_FILE).unlink()  # the scripts write the probe only when the run finishes
+    add_resume_checkpoint(folder, 1, "done")  # an older one: the newest decides
+    add_resume_checkpoint(folder, 2, "online")
+    (folder / "checkpoints" / "ckpt-000003").mkdir()  # no sentinel: a writer killed midway, not a checkpoint
+    with pytest.raises(tu.CheckpointError) as e:
+        tu.load_teacher(folder, num_actions=A)
+    msg = str(e.value)
+    assert "interrupted in phase online" in msg and "--resume" in msg and str(folder / run.model.name) in msg and "\n" not in msg
+    t = tu.load_teacher(folder / run.model.name, num_actions=A)  # the unfinished params, on purpose
+    assert t.kind == "student" and t.path == folder / run.model.name
+
+    # The newest checkpoint is "done": a finished run.
+    add_resume_checkpoint(folder, 4, "done")
+    assert tu.load_teacher(folder, num_actions=A).path == folder / run.model.name
+
+    # --checkpoint-frequency 0: interrupted (a forced checkpoint), resumed and finished writes no "done" checkpoint,
+    # but its Q probe, written at the end, is newer than that checkpoint.
+    folder = copy_run(run, tmp_path / "finished_without_checkpoints")
+    meta = add_resume_checkpoint(folder, 1, "offline") / "meta.json"
+    probe = folder / tu._PROBE_FILE
+    os.utime(meta, ns=(probe.stat().st_mtime_ns - 10**9,) * 2)
+    assert tu.load_teacher(folder, num_actions=A).path == folder / run.model.name
+    os.utime(probe, ns=(meta.stat().st_mtime_ns - 10**9,) * 2)  # an older probe does not count
+    with pytest.raises(tu.CheckpointError, match="interrupted in phase offline"):
+        tu.load_teacher(folder, num_actions=A)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_an_unreadable_probe_is_one_line(runs, tmp_path, damage):
+    run = runs["dqn-nature"]
+    folder = copy_run(run, tmp_path / damage)
+    probe = folder / tu._PROBE_FILE
+    probe.write_bytes(b"" if damage == "empty" else probe.read_bytes()[: probe.stat().st_size // 2])
+    with pytest.raises(tu.CheckpointError) as e:
+        tu.load_teacher(folder, num_actions=A)
+    msg = str(e.value)
+    assert msg.startswith(f"{probe} is not a readable Q probe") and "delete it to skip the check" in msg and "\n" not in msg
+
+
+def test_teachers_without_a_dopamine_replay_say_use_rollout(runs, cleanrl_model, tmp_path):
+    no_model = copy_run(runs["dqn-nature"], tmp_path / "no_model")
+    (no_model / runs["dqn-nature"].model.name).unlink()
+    model_file = cleanrl_model[0]
+    hf = "hf://cleanrl/BreakoutNoFrameskip-v4-dqn_atari_jax-seed1/dqn_atari_jax.cleanrl_model"  # refused before any download
+    for source in (runs["dqn-nature"].folder, runs["dqn-nature"].model, no_model, model_file, model_file.parent, hf):
+        with pytest.raises(tu.CheckpointError) as e:
+            tu.load_dopamine_replay(source)
+        assert str(e.value) == f"{source} is not a Dopamine checkpoint, so it has no Dopamine replay; use --teacher-data rollout"
+
+
 def test_cli_inspect_shows_a_student(runs):
     run = runs["rainbow-dueling"]
     r = subprocess.run([sys.executable, str(ROOT / "teacher_utils.py"), "inspect", str(run.folder)], capture_output=True, text=True,
@@ -354,13 +416,13 @@ def run_hf(tmp_path: Path, endpoint: str, addresses: list[str], offline: bool) -
 def test_hf_download_lands_in_the_hub_cache_and_loads_offline(cleanrl_model, tmp_path):
     path, net, params = cleanrl_model
     data = path.read_bytes()
-    repo, small_repo = "cleanrl/Breakout-v5-dqn_atari_jax-seed1", "someone/tiny-git-model"
+    repo, small_repo = "cleanrl/BreakoutNoFrameskip-v4-dqn_atari_jax-seed1", "someone/tiny-git-model"
     obs = probe_obs(3, seed=11)
     np.save(tmp_path / "obs.npy", obs)
     lfs_file = f"hf://{repo}/dqn_atari_jax.cleanrl_model"
     git_file = f"hf://{small_repo}@main/models/dqn_atari_jax.cleanrl_model"
     missing = f"hf://{repo}/missing.cleanrl_model"
-    no_repo = f"hf://nobody/nothing/dqn_atari_jax.cleanrl_model"
+    no_repo = "hf://nobody/nothing/dqn_atari_jax.cleanrl_model"
     files = {repo: {"dqn_atari_jax.cleanrl_model": data, "README.md": b"# DQN\n"}, small_repo: {"models/dqn_atari_jax.cleanrl_model": data}}
     with HubEmulator(files, git_paths=(f"{small_repo}/models/dqn_atari_jax.cleanrl_model",)) as emu:
         out = run_hf(tmp_path, emu.endpoint, [lfs_file, git_file, missing, no_repo], offline=False)
@@ -373,7 +435,7 @@ def test_hf_download_lands_in_the_hub_cache_and_loads_offline(cleanrl_model, tmp
         assert got["env_kwargs"]["zero_stack_start"] is False
         np.testing.assert_allclose(np.asarray(got["q"]), expected_q, atol=1e-5)
     # In the hub cache: models--<owner>--<repo>/snapshots/<commit>/<file>, the bytes in blobs/<sha256>.
-    snap = tmp_path / "hub_cache" / "models--cleanrl--Breakout-v5-dqn_atari_jax-seed1" / "snapshots" / commit / "dqn_atari_jax.cleanrl_model"
+    snap = tmp_path / "hub_cache" / "models--cleanrl--BreakoutNoFrameskip-v4-dqn_atari_jax-seed1" / "snapshots" / commit / "dqn_atari_jax.cleanrl_model"
     assert out[lfs_file]["path"] == str(snap) and snap.read_bytes() == data
     assert (snap.parents[2] / "refs" / "main").read_text() == commit
     # The protocol: HEAD resolve -> 302 to the CDN, GET there; the git file: HEAD resolve -> 307 -> HEAD resolve-cache, GET.
@@ -390,3 +452,89 @@ def test_hf_download_lands_in_the_hub_cache_and_loads_offline(cleanrl_model, tmp
     np.testing.assert_allclose(np.asarray(out[lfs_file]["q"]), expected_q, atol=1e-5)
     err = out[f"hf://{repo}/other.cleanrl_model"]
     assert err["error"] == "DownloadError" and "Hugging Face cache" in err["message"] and "\n" not in err["message"]
+
+
+# ----------------------------------------------------------------------------
+# Run folders: W&B login check, the lock, checkpoint replacement
+# ----------------------------------------------------------------------------
+def test_check_wandb_looks_for_a_key_locally(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setattr(wandb, "Api", lambda *a, **k: pytest.fail("check_wandb must not call wandb.Api (prompts, network)"))
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tu.check_wandb(False)
+    with pytest.raises(tu.RunError, match="wandb login") as e:
+        tu.check_wandb(True)  # no ~/.netrc
+    assert "\n" not in str(e.value)
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine example.com\n  login user\n  password other\n")
+    with pytest.raises(tu.RunError):
+        tu.check_wandb(True)  # another host's entry
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password k" + "0" * 39 + "\n")
+    tu.check_wandb(True)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com:8443")
+    with pytest.raises(tu.RunError):
+        tu.check_wandb(True)  # a self-hosted server: its own entry is needed
+    netrc.write_text("machine wandb.example.com:8443 login user password local-key\n")
+    tu.check_wandb(True)
+    netrc.write_text("this is not a netrc file\n")
+    with pytest.raises(tu.RunError):
+        tu.check_wandb(True)  # malformed: no key, one line, no NetrcParseError
+    other = tmp_path / "elsewhere"
+    other.write_text("machine wandb.example.com:8443 login user password local-key\n")
+    monkeypatch.setenv("NETRC", str(other))
+    tu.check_wandb(True)
+    monkeypatch.delenv("NETRC")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    tu.check_wandb(True)
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tu.check_wandb(True)
+
+
+LOCK_HOLDER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import teacher_utils as tu
+    tu.lock_run_folder(Path(sys.argv[1]))
+    print("locked", flush=True)
+    sys.stdin.read()  # hold the lock until the test closes stdin
+""")
+
+
+def test_lock_run_folder_refuses_a_second_process(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(tu.RunError) as e:
+            tu.lock_run_folder(tmp_path)
+        assert str(e.value) == (f"another process is running in {tmp_path} (pid {holder.pid} per .lock); "
+                                f"wait for it to end or pass another --run-name")
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0
+    tu.lock_run_folder(tmp_path)  # the holder is gone: its lock went with it
+    try:
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    finally:
+        tu.lock_run_folder(tmp_path)  # this process holds it already: nothing to do
+        tu.unlock_run_folder(tmp_path)
+    assert not tu._RUN_LOCKS
+
+
+def test_write_checkpoint_replaces_a_folder_of_the_same_seq_after_moving_it_aside(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    stale = root / "ckpt-000002"
+    stale.mkdir(parents=True)
+    (stale / "junk.npy").write_bytes(b"from a run that resumed from an earlier checkpoint")
+    renames = []
+    real_rename = os.rename
+    monkeypatch.setattr(tu.os, "rename", lambda a, b: (renames.append((Path(a).name, Path(b).name)), real_rename(a, b))[1])
+    final = tu.write_checkpoint(root, 2, {"x": np.arange(3)}, {"phase": "online"}, keep=1)
+    assert final == stale and sorted(p.name for p in final.iterdir()) == [tu.CHECKPOINT_SENTINEL, "meta.json", "x.npy"]
+    old, tmp = f".old-ckpt-000002-{os.getpid()}", f".tmp-ckpt-000002-{os.getpid()}"
+    assert renames == [("ckpt-000002", old), (tmp, "ckpt-000002")]  # never rmtree of the folder under its name
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt-000002"]  # the old one is gone afterwards
+    assert tu.latest_checkpoint(root)[1]["phase"] == "online"
