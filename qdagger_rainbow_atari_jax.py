@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import sys
@@ -82,7 +83,7 @@ class Args:
     resume: bool = False
     """continue the run --run-name from its latest complete checkpoint (flags that change the algorithm must match)"""
     checkpoint_frequency: int | None = None
-    """checkpoint every this many agent steps online (and roll-out), updates offline; default one Dopamine iteration (--eval-frequency / --offline-eval-frequency); 0 disables checkpoints"""
+    """checkpoint every this many agent steps online, updates offline, agent steps of the teacher roll-out; default one Dopamine iteration online and offline (--eval-frequency / --offline-eval-frequency), 250,000 in the roll-out; 0 disables checkpoints"""
     checkpoint_minutes: float = 30.0
     """also checkpoint when this many minutes of wall time have passed since the last checkpoint (0: only by --checkpoint-frequency)"""
     keep_checkpoints: int = 1
@@ -216,7 +217,7 @@ class Args:
     eval_steps: int = 125_000
     """evaluations play whole episodes until at least this many agent steps have passed, finish the episodes in progress, and average all of them (Dopamine's protocol)"""
     eval_episodes: int | None = None
-    """optional cap: no new evaluation episode starts once this many have started (default none, as Dopamine)"""
+    """optional cap: no new evaluation episode starts once this many have started, except the first one of each evaluation env (default none, as Dopamine)"""
     eval_epsilon: float = 0.001
     """epsilon of the greedy policy during evaluations"""
     offline_eval_frequency: int = 100_000
@@ -668,11 +669,11 @@ def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
 def distill_lambda_update(lam: float, student_return: float | None, teacher_return: float | None, random_return: float,
                           online_steps: int, decay_period: int, clip: bool = False) -> tuple[float, str]:
     """lambda after an evaluation, as the reference's record_score: max(1 - teacher_normalized_score, 0) (capped
-    at 1 with clip=True); 0 for good once more than decay_period online steps have passed or once it reached 0.
+    at 1 with clip=True); 0 for good once decay_period online steps have passed (at the evaluation ending that iteration) or once it reached 0.
     Returns (lambda, reason) where reason explains a kept value."""
     if lam <= 0.0:
         return 0.0, "lambda reached 0 and stays there"
-    if online_steps > decay_period:
+    if online_steps >= decay_period:  # the reference's `>` with its iterations that overshoot 250,000 steps (ours do not)
         return 0.0, "decay period over"
     if student_return is None:
         return lam, "the student evaluation finished no episode: lambda keeps its value"
@@ -756,11 +757,6 @@ def distillation_kl(teacher_q: jax.Array, student_q: jax.Array, temperature: flo
     log_p_teacher = jax.nn.log_softmax(teacher_q / temperature, axis=-1)
     log_p_student = jax.nn.log_softmax(student_q / temperature, axis=-1)
     return jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
-
-
-def distillation_loss(teacher_q: jax.Array, student_q: jax.Array, temperature: float) -> jax.Array:
-    """mean_batch KL(softmax(q_T / tau) || softmax(q_S / tau))."""
-    return jnp.mean(distillation_kl(teacher_q, student_q, temperature))
 
 
 def cql_loss(q: jax.Array, actions: jax.Array, temperature: float) -> jax.Array:
@@ -863,14 +859,6 @@ def on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def cond(pred, true_fn, false_fn, *operands):
-    """lax.cond, except on XLA:CPU, where a convolution inside a conditional or a loop runs ~7x slower than
-    outside (jax-ml/jax#12868): there both branches run and the result is selected."""
-    if not on_cpu():
-        return jax.lax.cond(pred, true_fn, false_fn, *operands)
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), true_fn(*operands), false_fn(*operands))
-
-
 def make_act_jsrl(student_q_fn, teacher_q_fn):
     """JSRL's acting (the reference's LOLSDQNAgent): per env, the teacher's greedy action where `use_teacher`, else
     the student's epsilon-greedy one; student_q_fn(params, obs, key). Returns (actions, key)."""
@@ -905,6 +893,7 @@ class Learner(NamedTuple):
     online: callable  # (state, rb, teacher_rb, key, transition..., teacher_q, coefs, n_updates=) -> (state, rb, key, metrics)
     add: callable  # (rb, first_stream, transition..., teacher_q) -> rb
     sample: callable  # (rb, teacher_rb, key) -> (batch, ok, rehearsed mask): a prioritized online batch
+    sample_teacher: callable  # (teacher_rb, key) -> (batch, ok): a uniform batch of the teacher data
     update: callable  # (state, batch, coefs, key) -> (state, metrics, per-sample CE)
     set_priorities: callable  # (rb, index, per-sample CE, keep) -> rb
     sync: callable  # state -> state with target = online params
@@ -943,6 +932,8 @@ def make_learner(args: Args, student: RainbowNetwork, support: jax.Array, num_ac
         batch, ok = sample_prioritized(rb, k_rb)
         rehearsed, ok_teacher = sample_uniform(trb, k_teacher)
         pick = jax.random.uniform(k_pick, (args.batch_size,)) < args.rehearsal_ratio
+        # The student's replay caches the teacher's Q only while a loss term uses it (else 0 columns).
+        rehearsed = rehearsed._replace(teacher_q=rehearsed.teacher_q[:, : batch.teacher_q.shape[-1]])
         mixed = jax.tree.map(lambda t, o: jnp.where(pick.reshape((-1,) + (1,) * (o.ndim - 1)), t, o), rehearsed, batch)
         return mixed, ok & ok_teacher, pick
 
@@ -956,7 +947,8 @@ def make_learner(args: Args, student: RainbowNetwork, support: jax.Array, num_ac
             key, sk, uk = jax.random.split(key, 3)
             batch, ok = sample_uniform(trb, sk)
             state, m, td = update_cached(state, batch, c, uk)
-            state = sync_target(state, (step0 + i + 1) % offline_target_every == 0)
+            # The reference syncs when its counter of finished updates is a multiple: after updates 1, 1 + every, ...
+            state = sync_target(state, (step0 + i) % offline_target_every == 0)
             return (state, key), m | {"priority_mean": jnp.float32(0), "rehearsal_share": jnp.float32(0), "sample_ok": ok}
 
         (state, key), metrics = fused_scan(body, (state, key), k)
@@ -983,8 +975,22 @@ def make_learner(args: Args, student: RainbowNetwork, support: jax.Array, num_ac
 
     return Learner(offline=offline, online=jax.jit(online_step, donate_argnums=(0, 1), static_argnames="n_updates"),
                    add=jax.jit(functools.partial(replay_add, n_step=args.n_step), donate_argnums=0, static_argnums=1),
-                   sample=jax.jit(sample_online), update=jax.jit(update_cached), set_priorities=jax.jit(set_priorities, donate_argnums=0),
+                   sample=jax.jit(sample_online), sample_teacher=jax.jit(sample_uniform), update=jax.jit(update_cached), set_priorities=jax.jit(set_priorities, donate_argnums=0),
                    sync=jax.jit(lambda s: sync_target(s, True), donate_argnums=0))
+
+
+def offline_on_host_replay(learner: Learner, state, trb, key, step0: int, n: int, c: Coefs, target_every: int, compute_device):
+    """`Learner.offline` split for --replay-on-host: each batch sampled where the teacher data lives (the CPU), the
+    update on the accelerator; the same pure functions, keys and target syncs, so the results are the same."""
+    metrics = []
+    for i in range(n):
+        key, sk, uk = jax.random.split(key, 3)
+        batch, ok = learner.sample_teacher(trb, sk)
+        state, m, _ = learner.update(state, jax.device_put(batch, compute_device), c, uk)
+        if (step0 + i) % target_every == 0:
+            state = learner.sync(state)
+        metrics.append(m | {"priority_mean": jnp.float32(0), "rehearsal_share": jnp.float32(0), "sample_ok": ok})
+    return state, key, jax.tree.map(lambda *x: jnp.stack(x), *metrics)
 
 
 def learn_on_host_replay(learner: Learner, state, rb, trb, key, transition, n_updates: int, c: Coefs, compute_device, alpha: float):
@@ -1089,6 +1095,8 @@ def save_atomic(path: str, data: bytes) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -1170,7 +1178,7 @@ def tree_from(ckpt, prefix: str, template, device):
     for a, b in zip(leaves, loaded):
         if np.shape(a) != b.shape:
             raise ConfigError(f"{ckpt}: {prefix} has a {b.shape} array where this run has {np.shape(a)}; it was written by another configuration")
-    return jax.device_put(jax.tree.unflatten(jax.tree.structure(template), [b.astype(np.asarray(a).dtype) for a, b in zip(leaves, loaded)]), device)
+    return jax.device_put(jax.tree.unflatten(jax.tree.structure(template), [b.astype(a.dtype if hasattr(a, 'dtype') else np.asarray(a).dtype) for a, b in zip(leaves, loaded)]), device)
 
 
 def replay_from(ckpt, prefix: str, device) -> Replay:
@@ -1222,9 +1230,10 @@ def main(args: Args) -> None:
             raise ConfigError(f"{run_dir} has no complete checkpoint; start the run again without --resume")
     else:
         run_dir = Path("runs") / (args.run_name or tu.default_run_name(args.env_id, args.exp_name, args.method, args.seed))
-        if run_dir.is_dir() and any(run_dir.iterdir()):
+        if run_dir.is_dir() and any(not f.name.startswith(".") for f in run_dir.iterdir()):  # (.lock: a start that failed its checks)
             raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or another --run-name")
     run_name = run_dir.name
+    resume_name = run_name if run_dir == Path("runs") / run_name else str(run_dir)  # what --resume --run-name needs
     ckpt_dir, meta = run_dir / "checkpoints", (resume[1] if resume else {})
     phase = meta.get("phase", "teacher_eval")
     if phase == "done":
@@ -1262,7 +1271,7 @@ def main(args: Args) -> None:
     rollout_steps = args.teacher_steps if need_teacher_data and args.teacher_data in ("rollout", "both") else 0
     rollout_rows = -(-(rollout_steps + 8 * args.num_envs) // args.num_envs) if rollout_steps else 0
     dopamine_replay = None
-    if dopamine and phase in ("teacher_eval", "collect"):
+    if dopamine and (phase == "teacher_eval" or (phase == "collect" and not meta.get("progress", {}).get("collected"))):
         dopamine_replay = tu.load_dopamine_replay(source, iteration=teacher_ckpt.iteration, update_horizon=args.n_step, gamma=args.gamma)
         print(f"teacher replay: {dopamine_replay.path} (iteration {dopamine_replay.iteration}, {dopamine_replay.capacity} rows, "
               f"{len(dopamine_replay.valid_indices())} valid transitions for n = {args.n_step})")
@@ -1278,7 +1287,12 @@ def main(args: Args) -> None:
     online_bytes = replay_bytes(online_lengths, online_q_dim, prioritized=True)
     memory_check(teacher_bytes + online_bytes if args.rehearsal_ratio > 0 else max(teacher_bytes, online_bytes), replay_device, "the replay buffers")
     checkpoints_on = args.checkpoint_frequency != 0
-    tu.check_output_folder(run_dir, (teacher_bytes + online_bytes if checkpoints_on else 0) + (1 << 27), "a checkpoint and the logs")
+    # A new checkpoint is complete before the oldest is deleted: keep + 1 copies of a phase's buffers at the peak,
+    # beside the teacher data (written once).
+    copies = args.keep_checkpoints + 1
+    peak = max(copies * teacher_bytes, teacher_bytes + copies * online_bytes) if checkpoints_on else 0
+    tu.check_output_folder(run_dir, peak + (1 << 27), "the checkpoints and the logs")
+    tu.lock_run_folder(run_dir)  # one process per run folder (a resubmitted job while the first still runs)
 
     # Logs. On resume, event records written after the checkpoint are cut off, so no step is logged twice.
     for f in run_dir.glob("events.out.tfevents.*"):
@@ -1339,12 +1353,23 @@ def main(args: Args) -> None:
         key, offline_key, online_key = (jnp.asarray(k) for k in tu.read_checkpoint_array(resume[0], "keys"))
     interrupt = tu.Interrupt()
     last_checkpoint = time.time()
+    teacher_rb = None
+    teacher_data_saved = False
+
+    def save_teacher_data() -> None:
+        """The teacher data is immutable once built: written once, beside the checkpoints, read by every later resume."""
+        nonlocal teacher_data_saved
+        rows = int(jnp.minimum(teacher_rb.count, teacher_rb.length).sum())
+        tu.write_checkpoint(ckpt_dir / "teacher_data", 0, replay_arrays("teacher_rb", teacher_rb), dict(rows=rows), 1)
+        teacher_data_saved = True
 
     def checkpoint(phase: str, arrays: dict | None = None, force: bool = False) -> None:
         """Write the run's complete state (see README "Resuming"), unless checkpoints are off."""
         nonlocal seq, last_checkpoint
         if not checkpoints_on and not force:
             return
+        if teacher_rb is not None and not teacher_data_saved and (phase == "offline" or (phase == "online" and args.rehearsal_ratio > 0)):
+            save_teacher_data()  # checkpoints off, then an interrupt: the resume needs it
         if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params)):
             raise ConfigError(f"the student's parameters are not finite in phase {phase}; the last good checkpoint is kept (lower --learning-rate)")
         writer.flush()
@@ -1366,11 +1391,10 @@ def main(args: Args) -> None:
         if interrupt.requested:
             checkpoint(phase, arrays, force=True)
             raise Interrupted(f"{interrupt.requested} in phase {phase}: checkpoint written; resume with "
-                              f"`python {os.path.basename(__file__)} --resume --run-name {run_name}`")
+                              f"`python {os.path.basename(__file__)} --resume --run-name {resume_name}`")
 
     def evaluate_student(params, desc, seed_offset, frames=None):
-        nonlocal key
-        key, k = jax.random.split(key)
+        k = jax.random.fold_in(jax.random.PRNGKey(args.seed), seed_offset)  # apart from the training keys: a rerun after a resume is the same
         envs = tu.make_teacher_envs(args.env_id, args.eval_num_envs, seed=args.seed + seed_offset, **env_kwargs)
         try:
             return evaluate(act_student_eval, params, envs, args.eval_steps, args.eval_epsilon, k, desc=desc, frames=frames,
@@ -1406,7 +1430,6 @@ def main(args: Args) -> None:
             phase, progress = "collect", dict(collected=0)
 
         # (b) Teacher data: the teacher's own Dopamine replay and/or roll-outs, with the teacher's Q-values cached
-        teacher_rb = None
         if need_teacher_data and phase == "collect":
             t0 = time.time()
             if "collected" in progress and progress["collected"] > 0:  # resumed mid-way
@@ -1458,11 +1481,12 @@ def main(args: Args) -> None:
             print(f"(b) teacher data: {rows} rows ({'Dopamine replay' if dopamine else ''}{' + ' if dopamine and rollout_steps else ''}"
                   f"{f'{collected} roll-out agent steps' if rollout_steps else ''}), {teacher_bytes / max(sum(teacher_lengths), 1):.0f} "
                   f"bytes/transition [{collect_rate(collected) if rollout_steps else rows / (time.time() - t0):.0f} {'agent steps' if rollout_steps else 'rows'}/s]")
-            if checkpoints_on or args.rehearsal_ratio > 0:  # immutable from here: written once, read by every later resume
-                tu.write_checkpoint(ckpt_dir / "teacher_data", 0, replay_arrays("teacher_rb", teacher_rb), dict(rows=rows), 1)
+            if checkpoints_on:
+                save_teacher_data()
             phase, progress = "offline", dict(step=0, next_eval=args.offline_eval_frequency)
             checkpoint("offline")
-        elif need_teacher_data and phase in ("offline", "online"):
+        elif need_teacher_data and ((phase == "offline" and offline) or (phase == "online" and args.rehearsal_ratio > 0)):
+            teacher_data_saved = True
             found = tu.latest_checkpoint(ckpt_dir / "teacher_data")
             if found is None:
                 raise ConfigError(f"{ckpt_dir / 'teacher_data'} is missing or corrupt; start the run again without --resume")
@@ -1500,7 +1524,11 @@ def main(args: Args) -> None:
                         offline_eval()
                     boundary = min(args.offline_steps, next_eval) if args.offline_eval_frequency else args.offline_steps
                     n = k_static if boundary - step >= k_static else 1  # before a boundary K does not divide: one by one
-                    state, offline_key, metrics = learner.offline(state, teacher_rb, offline_key, jnp.int32(step), n, offline_coefs)
+                    if args.replay_on_host:
+                        state, offline_key, metrics = offline_on_host_replay(learner, state, teacher_rb, offline_key, step, n, offline_coefs,
+                                                                             max(args.target_network_frequency // args.train_frequency, 1), compute_device)
+                    else:
+                        state, offline_key, metrics = learner.offline(state, teacher_rb, offline_key, jnp.int32(step), n, offline_coefs)
                     metrics = jax.device_get(metrics)
                     if not metrics["sample_ok"][:n].all():
                         raise ConfigError("the teacher data has too few valid transitions to sample a batch; collect more (--teacher-steps)")
@@ -1527,7 +1555,9 @@ def main(args: Args) -> None:
                 state = sync_target(state, True)
             if args.reset_optimizer_online:  # pretraining's online phase starts a fresh Adam
                 state = state.replace(opt_state=state.tx.init(state.params))
-            phase, progress = "online", dict(global_step=0, updates=0, update_credit=0.0, next_target_sync=args.learning_starts + args.target_network_frequency,
+            # Dopamine syncs the target when its step counter is a multiple of the period, the first time after learning starts.
+            first_sync = (args.learning_starts // args.target_network_frequency + 1) * args.target_network_frequency
+            phase, progress = "online", dict(global_step=0, updates=0, update_credit=0, next_target_sync=first_sync,
                                              next_eval=args.eval_frequency, lam=lam, max_roll_in=args.jsrl_max_roll_in_steps, teacher_actions=0, acted=0)
             if offline:
                 checkpoint("online")
@@ -1537,7 +1567,7 @@ def main(args: Args) -> None:
         # (d) Online phase
         if phase in ("online", "final"):
             p = progress
-            lam, global_step, updates, update_credit = p["lam"], p["global_step"], p["updates"], p["update_credit"]
+            lam, global_step, updates, update_credit = p["lam"], p["global_step"], p["updates"], int(p["update_credit"])
             next_target_sync, next_eval, max_roll_in = p["next_target_sync"], p["next_eval"], p["max_roll_in"]
             teacher_actions, acted, student_return = p["teacher_actions"], p["acted"], p.get("student_return")
             lr = online_schedule(args, lam, None, None, random_return, 0)[1]
@@ -1555,12 +1585,28 @@ def main(args: Args) -> None:
                 resetting, ep_t = np.zeros(args.num_envs, bool), np.zeros(args.num_envs, np.int64)
                 roll_in = jsrl_rng.integers(0, max_roll_in, args.num_envs) + 1 if max_roll_in > 0 else np.zeros(args.num_envs, np.int64)
             online_rate = SteadyRate()
-            pending = None  # the last vector step: stored, and learned from, while the envs take the next one
-            metrics = None
+            # The last vector step, stored and learned from while the envs take the next one: (transition, updates due,
+            # target sync, agent step whose losses are logged or None). Checkpoints save it unapplied, so neither they
+            # nor the logs change when the learning happens (the resumed run applies it where the uninterrupted one would).
+            pending = None
+            online_coefs = {}
+
+            def coefs_now():
+                """The loss weights and lr as device scalars, made again only when lambda or lr change."""
+                if (lam, lr) not in online_coefs:
+                    online_coefs.clear()
+                    online_coefs[lam, lr] = coefs(args.td_coef, lam * args.distill_coef, lr, margin=lam * args.margin_coef)
+                return online_coefs[lam, lr]
+
+            if p.get("pending_updates") is not None:
+                pending = (tuple(tu.read_checkpoint_array(resume[0], f"pending.{i}") for i in range(6))
+                           + ((jax.device_put(tu.read_checkpoint_array(resume[0], "pending.6"), compute_device),) if online_q_dim else (None,)),
+                           p["pending_updates"], p["pending_sync"], p["pending_log"])
 
             def learn():
-                nonlocal state, rb, online_key, metrics, pending
-                transition, n_updates, sync, c = pending
+                nonlocal state, rb, online_key, pending
+                transition, n_updates, sync, log_step = pending
+                c = coefs_now()
                 pending = None
                 if args.replay_on_host:
                     state, rb, online_key, m = learn_on_host_replay(learner, state, rb, teacher_rb, online_key, jax.device_put(transition, replay_device),
@@ -1569,17 +1615,27 @@ def main(args: Args) -> None:
                     state, rb, online_key, m = learner.online(state, rb, teacher_rb, online_key, *transition, c, n_updates=n_updates)
                 if sync:
                     state = learner.sync(state)
-                if n_updates:
-                    metrics = m
+                if log_step is not None:
+                    m = jax.device_get(m)
+                    if not m.pop("sample_ok"):
+                        raise ConfigError("the online replay has too few valid transitions to sample a batch; raise --learning-starts")
+                    if not np.isfinite(m["loss"]):
+                        raise ConfigError(f"the online loss is not finite at agent step {log_step} (phase d); the last good checkpoint is in "
+                                          f"{ckpt_dir}; lower --learning-rate")
+                    for name, value in m.items():
+                        writer.add_scalar(f"losses/{name}", float(value), log_step)
 
             def online_progress() -> dict:
                 """Updates `progress` and returns the arrays of a checkpoint of this phase."""
                 nonlocal progress
                 progress = dict(global_step=global_step, updates=updates, update_credit=update_credit, next_target_sync=next_target_sync,
                                 next_eval=next_eval, lam=lam, max_roll_in=max_roll_in, teacher_actions=teacher_actions, acted=acted,
-                                jsrl_rng=jsrl_rng.bit_generator.state, student_return=student_return)  # G_S of the last evaluation
+                                jsrl_rng=jsrl_rng.bit_generator.state, student_return=student_return,  # G_S of the last evaluation
+                                pending_updates=pending[1] if pending else None, pending_sync=pending[2] if pending else None,
+                                pending_log=pending[3] if pending else None)
+                unapplied = {f"pending.{i}": x for i, x in enumerate(pending[0]) if x is not None} if pending else {}
                 return {**replay_arrays("rb", rb), "action_log": action_log[: global_step // args.num_envs], "obs": obs,
-                        "ep_ret": ep_ret, "ep_len": ep_len, "resetting": resetting, "ep_t": ep_t, "roll_in": roll_in}
+                        "ep_ret": ep_ret, "ep_len": ep_len, "resetting": resetting, "ep_t": ep_t, "roll_in": roll_in, **unapplied}
 
             def online_eval(final: bool) -> float:
                 """Evaluate the student; after an iteration (not the final one) update lambda, lr and JSRL's roll-in. Returns its seconds."""
@@ -1607,7 +1663,10 @@ def main(args: Args) -> None:
                     writer.add_scalar("charts/learning_rate", lr, global_step)
                 tqdm.write(("(e) final " if final else "(d) ") + line)
                 if frames:
-                    write_video(frames, str(run_dir / "videos" / "final-eval.mp4"))
+                    try:
+                        write_video(frames, str(run_dir / "videos" / "final-eval.mp4"))
+                    except Exception as e:  # noqa: BLE001 - a video codec problem must not cost the trained model
+                        print(f"warning: the final evaluation's video could not be written ({type(e).__name__}: {e}); the run goes on", file=sys.stderr)
                 return time.time() - t_eval
 
         if phase == "online":
@@ -1619,22 +1678,25 @@ def main(args: Args) -> None:
             else:
                 obs, _ = envs.reset()
             bar = tqdm(total=args.total_timesteps, initial=global_step, desc="online", file=sys.stderr, mininterval=2.0)
+            offline_updates = args.offline_steps if offline else 0
+            zeros_q = jnp.zeros((args.num_envs, online_q_dim), jnp.float32) if online_q_dim else None
             while global_step < args.total_timesteps:
                 # Epsilon counts the offline updates as training steps, as the reference's schedule does (Dopamine's warm-up too);
                 # noisy nets explore by their noise with epsilon = end_e (Dopamine 4.0.6's identity_epsilon).
                 epsilon = args.end_e if args.noisy else linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps,
-                                                                        max(global_step + args.offline_steps - args.epsilon_warmup_steps, 0))
+                                                                        max(global_step + offline_updates - args.epsilon_warmup_steps, 0))
                 if pending is not None and not args.overlap_env:
                     learn()
                 obs_dev = jax.device_put(obs, compute_device)
                 if jsrl:  # the teacher acts in the roll-in (with --jsrl-roll-in-guide) and, after it, with a decaying probability
-                    share = jsrl_teacher_share(args.jsrl_guide_prob, args.jsrl_decay_period, global_step + args.offline_steps)
+                    share = jsrl_teacher_share(args.jsrl_guide_prob, args.jsrl_decay_period, global_step + offline_updates)
                     use_teacher = jsrl_use_teacher(ep_t, roll_in, args.jsrl_roll_in_guide, share, jsrl_rng.random(args.num_envs))
                     actions, key = act_jsrl(state.params, teacher_params, obs_dev, key, epsilon, use_teacher)
                     teacher_actions += int((use_teacher & ~resetting).sum())
                 else:
                     actions, _, key = act_student(state.params, obs_dev, key, epsilon)
-                teacher_q = teacher_q_jit(teacher_params, obs_dev) if online_q_dim else None  # cached in the replay with this step
+                # The teacher's Q of this step's states, cached in the replay with it; once lambda is 0 for good no loss reads them.
+                teacher_q = (teacher_q_jit(teacher_params, obs_dev) if lam > 0 else zeros_q) if online_q_dim else None
                 if pending is not None:
                     learn()  # dispatched after the actions: the device learns while the envs step
                 actions = np.asarray(actions)
@@ -1663,25 +1725,17 @@ def main(args: Args) -> None:
                 n_updates, sync = 0, False
                 if global_step > args.learning_starts:
                     online_rate.start(global_step - args.num_envs)  # the speed of learning, the regime of almost every step
-                    update_credit += args.num_envs / args.train_frequency
-                    n_updates = int(update_credit)
-                    update_credit -= n_updates
+                    update_credit += args.num_envs  # agent steps not yet paid for by an update (integers: no drift)
+                    n_updates = update_credit // args.train_frequency
+                    update_credit -= n_updates * args.train_frequency
                     if global_step >= next_target_sync:
                         sync = True
                         next_target_sync += args.target_network_frequency
                 transition = (obs[:, -1], actions, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated, next_obs[:, -1], teacher_q)
-                pending = (transition, n_updates, sync, coefs(args.td_coef, lam * args.distill_coef, lr, margin=lam * args.margin_coef))
+                log_now = updates // args.log_frequency != (updates + n_updates) // args.log_frequency
+                pending = (transition, n_updates, sync, global_step if log_now else None)  # its losses are logged when it is learned
                 obs = next_obs
-                if updates // args.log_frequency != (updates + n_updates) // args.log_frequency:
-                    learn()  # the log needs this step's metrics
-                    m = jax.device_get(metrics)
-                    if not m.pop("sample_ok"):
-                        raise ConfigError("the online replay has too few valid transitions to sample a batch; raise --learning-starts")
-                    if not np.isfinite(m["loss"]):
-                        raise ConfigError(f"the online loss is not finite at agent step {global_step} (phase d); the last good checkpoint is in "
-                                          f"{ckpt_dir}; lower --learning-rate")
-                    for name, value in m.items():
-                        writer.add_scalar(f"losses/{name}", float(value), global_step)
+                if log_now:
                     writer.add_scalar("charts/SPS", online_rate(global_step), global_step)
                     writer.add_scalar("charts/epsilon", epsilon, global_step)
                     if not next_eval <= global_step < args.total_timesteps:  # else the evaluation below logs the new values
@@ -1699,8 +1753,6 @@ def main(args: Args) -> None:
                     next_eval += args.eval_frequency
                 if interrupt.requested or (global_step < args.total_timesteps and due(global_step, global_step - args.num_envs,
                                                                                      args.checkpoint_frequency or args.eval_frequency)):
-                    if pending is not None:
-                        learn()
                     stop("online", online_progress())
                     checkpoint("online", online_progress())
             bar.close()
@@ -1720,10 +1772,11 @@ def main(args: Args) -> None:
                 save_atomic(str(model_path), flax.serialization.to_bytes(state.params))
                 # Expected Q-values (noise-free) of the saved params on a few states, to check a reload against.
                 probe_obs = np.asarray(learner.sample(rb, None, jax.random.PRNGKey(0))[0].obs[:8])
-                with open(run_dir / "q_probe.npz", "wb") as f:
-                    np.savez(f, obs=probe_obs, q=np.asarray(expected_q(student.apply(state.params, probe_obs), support)))
+                probe = io.BytesIO()
+                np.savez(probe, obs=probe_obs, q=np.asarray(expected_q(student.apply(state.params, probe_obs), support)))
+                save_atomic(str(run_dir / "q_probe.npz"), probe.getvalue())
                 print(f"model saved to {model_path}")
-            checkpoint("done")
+            checkpoint("done", force=ckpt_dir.is_dir())  # with checkpoints off, only after an interrupted and resumed run
     except Interrupted:
         if args.save_model:
             save_atomic(str(run_dir / f"{args.exp_name}.cleanrl_model"), flax.serialization.to_bytes(state.params))
@@ -1731,6 +1784,7 @@ def main(args: Args) -> None:
     finally:
         interrupt.restore()
         writer.close()
+        tu.unlock_run_folder(run_dir)
         if args.track:
             wandb.finish()
 

@@ -324,6 +324,12 @@ def test_fused_offline_updates_equal_single_updates():
     for a, b in zip(jax.tree.leaves((fused.params, fused.target_params, fused.opt_state)),
                     jax.tree.leaves((single.params, single.target_params, single.opt_state))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
+    # --replay-on-host: the same updates composed from separate jitted pieces (sample where the data lives, update, sync)
+    host, key2, m_host = q.offline_on_host_replay(learner, jax.tree.map(jnp.copy, state0), trb, jax.random.PRNGKey(7), 0, 5, c, 3, jax.devices()[0])
+    np.testing.assert_allclose(np.asarray(m_host["loss"]), losses, rtol=2e-5)
+    assert np.array_equal(np.asarray(key2), np.asarray(key1))
+    for a, b in zip(jax.tree.leaves((host.params, host.target_params)), jax.tree.leaves((single.params, single.target_params))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
     assert not np.allclose(np.asarray(fused.target_params["params"]["Dense_1"]["kernel"]), np.asarray(state0.params["params"]["Dense_1"]["kernel"]))
 
 

@@ -460,3 +460,40 @@ def test_lambda_and_learning_rate():
     assert qr.distill_lambda_update(0.0, 1.0, 11.0, 1.0, 10, 2_500_000)[0] == 0.0
     assert qr.distill_lambda_update(0.7, -5.0, 11.0, 1.0, 10, 2_500_000)[0] == pytest.approx(1.6)  # below random: no upper clip
     assert qr.distill_lambda_update(0.7, -5.0, 11.0, 1.0, 10, 2_500_000, clip=True)[0] == 1.0
+
+
+def test_offline_fused_host_path_and_rehearsal_without_cached_q():
+    """K fused offline updates equal the --replay-on-host path (separate jitted sample, update, sync: the same keys
+    and target syncs); rehearsal mixes teacher rows into a student replay that caches no teacher Q."""
+    import optax
+
+    A, B = 4, 8
+    args = qr.Args(network="nature", num_atoms=11, batch_size=B, target_network_frequency=12, train_frequency=4, rehearsal_ratio=0.5)
+    support = qr.make_support(args)
+    student = qr.make_student(args, A)
+    params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=1.5e-4)
+    state0 = qr.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
+    learner = qr.make_learner(args, student, support, A)
+    rng = np.random.default_rng(0)
+
+    def filled(q_dim, prioritized):
+        rb = qr.make_replay([40, 40], q_dim, prioritized=prioritized)
+        for t in range(40):
+            rb = learner.add(rb, 0, rng.integers(0, 256, (2, 84, 84), np.uint8), rng.integers(0, A, 2).astype(np.int32),
+                             rng.uniform(-1, 1, 2).astype(np.float32), np.array([t % 11 == 10, False]), np.array([False, t % 13 == 12]),
+                             rng.integers(0, 256, (2, 84, 84), np.uint8), rng.normal(size=(2, q_dim)).astype(np.float32) if q_dim else None)
+        return rb
+
+    trb = filled(A, False)
+    c = qr.coefs(1.0, 1.0, 1e-4)
+    fused, key_f, m_f = learner.offline(jax.tree.map(jnp.copy, state0), trb, jax.random.PRNGKey(7), jnp.int32(0), 5, c)
+    host, key_h, m_h = qr.offline_on_host_replay(learner, jax.tree.map(jnp.copy, state0), trb, jax.random.PRNGKey(7), 0, 5, c, 3, jax.devices()[0])
+    np.testing.assert_allclose(np.asarray(m_f["loss"]), np.asarray(m_h["loss"]), rtol=2e-5)
+    assert np.array_equal(np.asarray(key_f), np.asarray(key_h))
+    for a, b in zip(jax.tree.leaves((fused.params, fused.target_params)), jax.tree.leaves((host.params, host.target_params))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
+
+    rb = filled(0, True)  # no distillation or margin term online: the student's replay caches 0 columns
+    batch, ok, rehearsed = learner.sample(rb, trb, jax.random.PRNGKey(3))
+    assert bool(ok) and batch.teacher_q.shape == (B, 0) and 0 < int(np.asarray(rehearsed).sum()) < B

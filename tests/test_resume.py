@@ -106,12 +106,15 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, fixture_copy, uninterrupted,
 
 
 def test_sigint_writes_a_usable_checkpoint_and_says_how_to_resume(tmp_path, fixture_copy, uninterrupted):
+    """Ctrl-C at an arbitrary online step (not a scheduled checkpoint): the step's unapplied learning is saved with
+    the checkpoint, so the resumed run ends bit-identical to the uninterrupted one."""
     teacher = fixture_copy("teacher_tf")
     run_dir = tmp_path / "runs" / "ctrl-c"
     proc = start(tmp_path, "ctrl-c", teacher=teacher)
     deadline = time.time() + 300
-    while time.time() < deadline and not any(m["phase"] == "offline" for m in checkpoints(run_dir)):
+    while time.time() < deadline and not any(m["phase"] == "online" and m["progress"].get("global_step", 0) > 0 for m in checkpoints(run_dir)):
         time.sleep(0.05)
+    time.sleep(0.3)  # off the checkpoint schedule
     proc.send_signal(signal.SIGINT)
     rc, out, err = finish(proc)
     assert rc == 130
@@ -121,6 +124,10 @@ def test_sigint_writes_a_usable_checkpoint_and_says_how_to_resume(tmp_path, fixt
     rc, out, err = finish(start(tmp_path, "ctrl-c", "--resume", teacher=teacher))
     assert rc == 0, err[-3000:]
     assert final_line(out) == final_line(uninterrupted[0])
+    whole = uninterrupted[1]
+    assert (run_dir / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes() == (whole / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes()
+    resumed, reference = one_value_per_step(run_dir), one_value_per_step(whole)
+    assert resumed["losses/loss"] == reference["losses/loss"]
 
 
 def test_damaged_checkpoints_fall_back_to_the_previous_one(tmp_path, fixture_copy, uninterrupted):
@@ -153,11 +160,18 @@ def test_resume_refuses_changed_algorithm_flags_and_allows_runtime_ones(tmp_path
     (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
     assert "--learning-rate (was 0.0001, now 0.0003)" in line
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--teacher-checkpoint", str(teacher), "--run-name", "flags", *FLAGS, "--resume", "--track"],
+    # Run-time flags may change (W&B, how often to log and checkpoint) and what is learned does not.
+    i = FLAGS.index("--log-frequency")
+    flags = FLAGS[: i + 1] + ["5"] + FLAGS[i + 2:]
+    i = flags.index("--checkpoint-frequency")
+    flags = flags[: i + 1] + ["40"] + flags[i + 2:]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--teacher-checkpoint", str(teacher), "--run-name", "flags", *flags, "--resume", "--track"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     rc, out, err = finish(proc)
     assert rc == 0, err[-3000:]
     assert final_line(out) == final_line(uninterrupted[0])
+    whole = uninterrupted[1]
+    assert (run_dir / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes() == (whole / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes()
 
 
 # ----------------------------------------------------------------------------
