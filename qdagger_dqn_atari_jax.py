@@ -842,19 +842,24 @@ def save_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def teacher_q_for_rows(teacher_q_fn, teacher_params, rb: Replay, stream: int, batch: int = 1024) -> Replay:
-    """The teacher's Q-values of every row's state of one stream, computed once in batches and cached in the buffer."""
+def teacher_q_for_rows(teacher_q_fn, teacher_params, rb: Replay, stream: int, compute_device, batch: int = 1024) -> Replay:
+    """The teacher's Q-values of every row's state of one stream, computed once in batches and cached in the buffer.
+    The stacks are built where the buffer lives and the teacher runs on `compute_device` (the accelerator, even when
+    --replay-on-host keeps the buffer in host memory: a 1M-row replay is 1M teacher forwards)."""
+    stacks = jax.jit(lambda rb, start: replay_stacks(rb, jnp.full(batch, stream), start + jnp.arange(batch)))
+    q_of = jax.jit(teacher_q_fn)
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def fill(rb, start):
+    def write(rb, start, q):
         j = start + jnp.arange(batch)
-        q = teacher_q_fn(teacher_params, replay_stacks(rb, jnp.full(batch, stream), j))
         r = jnp.where(j < rb.length[stream], _row(rb, jnp.full(batch, stream), j), rb.frames.shape[0])
         return rb._replace(teacher_q=rb.teacher_q.at[r].set(q, mode="drop"))
 
+    replay_device = rb.frames.devices().pop()
     length = int(rb.length[stream])
     for start in tqdm(range(0, length, batch), desc="teacher Q of the replay", file=sys.stderr, mininterval=2.0):
-        rb = fill(rb, start)
+        q = q_of(teacher_params, jax.device_put(stacks(rb, start), compute_device))
+        rb = write(rb, start, jax.device_put(q, replay_device))
     return rb
 
 
@@ -1176,7 +1181,7 @@ def main(args: Args) -> None:
                 teacher_rb = make_replay(teacher_lengths, num_actions, replay_device)
                 if dopamine:
                     teacher_rb = replay_fill_from_dopamine(teacher_rb, dopamine_replay, 0)
-                    teacher_rb = teacher_q_for_rows(teacher_q_fn, jax.device_put(teacher_params, replay_device), teacher_rb, 0)
+                    teacher_rb = teacher_q_for_rows(teacher_q_fn, teacher_params, teacher_rb, 0, compute_device)
             dopamine_replay = None
             envs = tu.make_teacher_envs(args.env_id, args.num_envs, seed=args.seed, **teacher_env_kwargs)
             collected = progress["collected"]
