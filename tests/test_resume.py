@@ -130,6 +130,36 @@ def test_sigint_writes_a_usable_checkpoint_and_says_how_to_resume(tmp_path, fixt
     assert resumed["losses/loss"] == reference["losses/loss"]
 
 
+def test_ctrl_c_offline_with_checkpoints_off_still_resumes(tmp_path, fixture_copy):
+    """--checkpoint-frequency 0 writes no checkpoints, but Ctrl-C still writes one (the only way to keep the work),
+    and with it the teacher data the offline phase needs: the resume finishes the run."""
+    teacher = fixture_copy("teacher_tf")
+    flags = [x for x in FLAGS if x != "--save-model"]
+    for name, value in (("--checkpoint-frequency", "0"), ("--offline-steps", "600"), ("--offline-eval-frequency", "0"), ("--total-timesteps", "64"),
+                        ("--learning-starts", "32")):
+        i = flags.index(name)
+        flags[i + 1] = value
+    log = tmp_path / "out.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--teacher-checkpoint", str(teacher), "--run-name", "off", *flags],
+                                cwd=tmp_path, stdout=f, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and "(b) teacher data" not in log.read_text():
+            time.sleep(0.05)
+        time.sleep(1.0)  # inside the offline phase
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    run_dir = tmp_path / "runs" / "off"
+    assert [m["phase"] for m in checkpoints(run_dir)] == ["offline"]
+    assert (run_dir / "checkpoints" / "teacher_data").is_dir()
+    r = subprocess.run([sys.executable, str(SCRIPT), "--teacher-checkpoint", str(teacher), "--run-name", "off", *flags, "--resume"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "phase offline)" in r.stdout and "final: " in r.stdout
+    assert checkpoints(run_dir)[-1]["phase"] == "done"  # a finished run, usable as a teacher
+
+
 def test_damaged_checkpoints_fall_back_to_the_previous_one(tmp_path, fixture_copy, uninterrupted):
     """A checkpoint cut mid-write (no sentinel) is ignored; a corrupted latest one is skipped with a warning."""
     teacher = fixture_copy("teacher_tf")
