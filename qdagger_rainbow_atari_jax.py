@@ -134,6 +134,8 @@ class Args:
     """a constant online Adam learning rate instead of lr = lambda * learning_rate + (1 - lambda) * end_learning_rate (set by tabula-rasa, pretrain, jsrl, dqfd, finetune)"""
     reset_optimizer_online: bool = False
     """start the online phase with a fresh Adam state (pretrain)"""
+    offline_acting: bool = True
+    """during the offline phase the student also plays one agent step per offline update (epsilon-greedy, epsilon over the offline updates) into its own replay, so the online phase starts with that replay and learns from its first step: the reference runs its offline iterations through Dopamine's training loop (run_experiment.py PersistentRunner; pretrain's OfflinePretrainingRunner does not act); --no-offline-acting: the offline phase uses the teacher data only and the online replay starts empty"""
     init_from_teacher: bool = False
     """initialise the student with the teacher's weights; the teacher must have the student's architecture (finetune)"""
     cql_coef: float = 0.0
@@ -1142,7 +1144,8 @@ METHODS: dict[str, dict] = {
     "tabula-rasa": dict(offline_steps=0, distill_coef=0.0, noisy=True, dueling=True, double_dqn=True, online_learning_rate=6.25e-5,
                         epsilon_decay_steps=250_000, epsilon_warmup_steps=20_000),  # Dopamine's jax/agents/full_rainbow/configs/full_rainbow.gin
     "kickstarting": dict(offline_steps=0),
-    "pretrain": dict(distill_coef=0.0, cql_coef=1.0, online_learning_rate=1e-5, reset_optimizer_online=True),  # pretrained_dqn.gin's recipe
+    "pretrain": dict(distill_coef=0.0, cql_coef=1.0, online_learning_rate=1e-5, reset_optimizer_online=True,
+                     offline_acting=False),  # pretrained_dqn.gin's recipe, OfflinePretrainingRunner
     "dagger": dict(td_coef=0.0, decay_lambda=False),  # distillation_rainbow_agent.py MethodType.DAGGER
     "ql-dagger": dict(decay_lambda=False),  # MethodType.QL_PLUS_DAGGER
     "jsrl": dict(offline_steps=0, distill_coef=0.0, online_learning_rate=6.25e-5, eval_frequency=125_000),  # lols_dqn.gin's recipe
@@ -1290,7 +1293,8 @@ def main(args: Args) -> None:
     online_q_dim = num_actions if uses_teacher and (args.distill_coef > 0 or args.margin_coef > 0) else 0
     teacher_bytes = replay_bytes(teacher_lengths, num_actions) if need_teacher_data else 0
     online_bytes = replay_bytes(online_lengths, online_q_dim, prioritized=True)
-    memory_check(teacher_bytes + online_bytes if args.rehearsal_ratio > 0 else max(teacher_bytes, online_bytes), replay_device, "the replay buffers")
+    both = args.rehearsal_ratio > 0 or (offline and args.offline_acting)  # the teacher data and the student's replay at once
+    memory_check(teacher_bytes + online_bytes if both else max(teacher_bytes, online_bytes), replay_device, "the replay buffers")
     checkpoints_on = args.checkpoint_frequency != 0
     # A new checkpoint is complete before the oldest is deleted: keep + 1 copies of a phase's buffers at the peak,
     # beside the teacher data (written once).
@@ -1500,13 +1504,38 @@ def main(args: Args) -> None:
             print(f"(b) teacher data: skipped ({'no teacher' if not uses_teacher else '--offline-steps 0: no offline phase to use it'})")
             phase, progress = "offline", dict(step=0, next_eval=args.offline_eval_frequency)
 
-        # (c) Offline phase: teacher data only, lambda = 1, lr = learning_rate; K updates per jitted call
+        # (c) Offline phase: updates on the teacher data only, lambda = 1, lr = learning_rate; K updates per jitted call.
+        # With --offline-acting the student also plays one agent step per update into its own replay.
         lam = 1.0
+        rb, offline_acted = None, 0
         if phase == "offline":
             offline_coefs = coefs(args.td_coef, lam * args.distill_coef, args.learning_rate, cql=args.cql_coef, margin=lam * args.margin_coef)
             step, next_eval, offline_rate = progress["step"], progress["next_eval"], SteadyRate()
             k_static = min(args.updates_per_call or (8 if on_cpu() else 100), max(args.offline_steps, 1))
             ckpt_every = args.checkpoint_frequency or args.offline_eval_frequency or 100_000
+            acting = offline and args.offline_acting
+            if acting:  # one vector step, then num_envs updates, per call
+                k_static = min(args.num_envs, max(args.offline_steps, 1))
+                act_envs = tu.make_teacher_envs(args.env_id, args.num_envs, seed=args.seed + 3, **env_kwargs)
+                act_log = np.zeros((-(-args.offline_steps // args.num_envs), args.num_envs), np.uint8)  # for an exact resume
+                offline_acted = progress.get("offline_acted", 0)
+                if offline_acted:
+                    ck = resume[0]
+                    rb = replay_from(ck, "rb", replay_device)
+                    act_log[: offline_acted // args.num_envs] = tu.read_checkpoint_array(ck, "offline_action_log")
+                    act_ret, act_len, act_resetting = (tu.read_checkpoint_array(ck, f"offline_{n}") for n in ("ep_ret", "ep_len", "resetting"))
+                    act_obs = fast_forward(act_envs, act_log[: offline_acted // args.num_envs], "restoring the envs (exact resume)")
+                else:
+                    rb = make_replay(online_lengths, online_q_dim, replay_device, prioritized=True)
+                    act_ret, act_len, act_resetting = np.zeros(args.num_envs), np.zeros(args.num_envs, np.int64), np.zeros(args.num_envs, bool)
+                    act_obs = act_envs.reset()[0]
+
+            def offline_arrays() -> dict | None:
+                """The student's replay and the acting envs' state, when the student acts offline."""
+                if not acting:
+                    return None
+                return {**replay_arrays("rb", rb), "offline_action_log": act_log[: offline_acted // args.num_envs],
+                        "offline_ep_ret": act_ret, "offline_ep_len": act_len, "offline_resetting": act_resetting}
 
             def offline_eval() -> None:
                 """Every offline_eval_frequency updates, as the reference's runner evaluates each offline iteration."""
@@ -1514,8 +1543,8 @@ def main(args: Args) -> None:
                 t_eval = time.time()
                 returns, _, steps = evaluate_student(state.params, "offline eval", 20_000 + step)
                 offline_rate.pause(time.time() - t_eval)
-                progress = dict(step=step, next_eval=next_eval)
-                stop("offline")  # an interrupted evaluation runs again after a resume
+                progress = dict(step=step, next_eval=next_eval, offline_acted=offline_acted)
+                stop("offline", offline_arrays())  # an interrupted evaluation runs again after a resume
                 if returns:
                     writer.add_scalar("offline/eval_return", float(np.mean(returns)), step)
                     if (tns := teacher_normalized(float(np.mean(returns)))) is not None:
@@ -1529,11 +1558,32 @@ def main(args: Args) -> None:
                         offline_eval()
                     boundary = min(args.offline_steps, next_eval) if args.offline_eval_frequency else args.offline_steps
                     n = k_static if boundary - step >= k_static else 1  # before a boundary K does not divide: one by one
+                    if acting:
+                        n = min(k_static, args.offline_steps - step)  # one update per agent step, as the reference
+                        # epsilon over the offline updates without a warm-up; noisy nets: end_e (identity_epsilon)
+                        epsilon = args.end_e if args.noisy else linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, offline_acted)
+                        obs_dev = jax.device_put(act_obs, compute_device)
+                        actions, _, key = act_student(state.params, obs_dev, key, epsilon)
+                        teacher_q = teacher_q_jit(teacher_params, obs_dev) if online_q_dim else None
                     if args.replay_on_host:
                         state, offline_key, metrics = offline_on_host_replay(learner, state, teacher_rb, offline_key, step, n, offline_coefs,
                                                                              max(args.target_network_frequency // args.train_frequency, 1), compute_device)
                     else:
                         state, offline_key, metrics = learner.offline(state, teacher_rb, offline_key, jnp.int32(step), n, offline_coefs)
+                    if acting:  # the envs step while the device learns
+                        actions = np.asarray(actions)
+                        next_obs, reward, terminated, truncated, info = act_envs.step(actions)
+                        act_log[offline_acted // args.num_envs] = actions
+                        live = ~act_resetting
+                        act_ret += np.where(live, info["reward"], 0.0)
+                        act_len += live
+                        done = (terminated | truncated) & live
+                        for i in np.flatnonzero(done):
+                            writer.add_scalar("offline/episodic_return", act_ret[i], offline_acted + i + 1)
+                        act_ret[done], act_len[done], act_resetting = 0.0, 0, done
+                        rb = learner.add(rb, 0, *jax.device_put((act_obs[:, -1], actions, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated,
+                                                                 truncated, next_obs[:, -1], teacher_q), replay_device))
+                        act_obs, offline_acted = next_obs, offline_acted + args.num_envs
                     metrics = jax.device_get(metrics)
                     if not metrics["sample_ok"][:n].all():
                         raise ConfigError("the teacher data has too few valid transitions to sample a batch; collect more (--teacher-steps)")
@@ -1549,23 +1599,29 @@ def main(args: Args) -> None:
                     offline_rate.start(step)  # from the end of the first (compiling) call
                     if step > offline_rate.n0:
                         writer.add_scalar("offline/SPS", offline_rate(step), step)
-                    progress = dict(step=step, next_eval=next_eval)
-                    stop("offline")
+                    progress = dict(step=step, next_eval=next_eval, offline_acted=offline_acted)
+                    stop("offline", offline_arrays())
                     if step < args.offline_steps and due(step, step - n, ckpt_every):
-                        checkpoint("offline")
+                        checkpoint("offline", offline_arrays())
             if offline:
                 if args.offline_eval_frequency and step >= next_eval:
                     offline_eval()
-                print(f"(c) offline: {args.offline_steps} updates [{offline_rate(step):.1f} updates/s, evaluations excluded]")
+                if acting:
+                    act_envs.close()
+                print(f"(c) offline: {args.offline_steps} updates [{offline_rate(step):.1f} updates/s, evaluations excluded]"
+                      + (f"; the student played {offline_acted} agent steps into its replay" if acting else ""))
                 state = sync_target(state, True)
             if args.reset_optimizer_online:  # pretraining's online phase starts a fresh Adam
                 state = state.replace(opt_state=state.tx.init(state.params))
-            # Dopamine syncs the target when its step counter is a multiple of the period, the first time after learning starts.
-            first_sync = (args.learning_starts // args.target_network_frequency + 1) * args.target_network_frequency
+            # Dopamine syncs the target when its step counter (the replay's agent steps) is a multiple of the period, the
+            # first time after learning starts.
+            tnf = args.target_network_frequency
+            first_sync = (max(args.learning_starts, offline_acted) // tnf + 1) * tnf - offline_acted
             phase, progress = "online", dict(global_step=0, updates=0, update_credit=0, next_target_sync=first_sync,
-                                             next_eval=args.eval_frequency, lam=lam, max_roll_in=args.jsrl_max_roll_in_steps, teacher_actions=0, acted=0)
+                                             next_eval=args.eval_frequency, lam=lam, max_roll_in=args.jsrl_max_roll_in_steps, teacher_actions=0, acted=0,
+                                             offline_acted=offline_acted)
             if offline:
-                checkpoint("online")
+                checkpoint("online", replay_arrays("rb", rb) if offline_acted else None)
         if args.rehearsal_ratio <= 0:
             teacher_rb = None  # the online phase uses the student's own replay only
 
@@ -1575,6 +1631,7 @@ def main(args: Args) -> None:
             lam, global_step, updates, update_credit = p["lam"], p["global_step"], p["updates"], int(p["update_credit"])
             next_target_sync, next_eval, max_roll_in = p["next_target_sync"], p["next_eval"], p["max_roll_in"]
             teacher_actions, acted, student_return = p["teacher_actions"], p["acted"], p.get("student_return")
+            offline_acted = p.get("offline_acted", 0)  # the student's own steps already in its replay (--offline-acting)
             lr = online_schedule(args, lam, None, None, random_return, 0)[1]
             jsrl_rng = np.random.default_rng(args.seed + 2)
             action_log = np.zeros((-(-args.total_timesteps // args.num_envs), args.num_envs), np.uint8)  # the phase's actions, for an exact resume
@@ -1585,7 +1642,10 @@ def main(args: Args) -> None:
                 ep_ret, ep_len, resetting, ep_t, roll_in, obs = (tu.read_checkpoint_array(ck, n) for n in ("ep_ret", "ep_len", "resetting", "ep_t", "roll_in", "obs"))
                 jsrl_rng.bit_generator.state = p["jsrl_rng"]
             else:
-                rb = make_replay(online_lengths, online_q_dim, replay_device, prioritized=True)
+                if not offline_acted:
+                    rb = make_replay(online_lengths, online_q_dim, replay_device, prioritized=True)
+                elif rb is None:  # resumed at the start of the phase
+                    rb = replay_from(resume[0], "rb", replay_device)
                 ep_ret, ep_len = np.zeros(args.num_envs), np.zeros(args.num_envs, np.int64)
                 resetting, ep_t = np.zeros(args.num_envs, bool), np.zeros(args.num_envs, np.int64)
                 roll_in = jsrl_rng.integers(0, max_roll_in, args.num_envs) + 1 if max_roll_in > 0 else np.zeros(args.num_envs, np.int64)
@@ -1637,7 +1697,7 @@ def main(args: Args) -> None:
                                 next_eval=next_eval, lam=lam, max_roll_in=max_roll_in, teacher_actions=teacher_actions, acted=acted,
                                 jsrl_rng=jsrl_rng.bit_generator.state, student_return=student_return,  # G_S of the last evaluation
                                 pending_updates=pending[1] if pending else None, pending_sync=pending[2] if pending else None,
-                                pending_log=pending[3] if pending else None)
+                                pending_log=pending[3] if pending else None, offline_acted=offline_acted)
                 unapplied = {f"pending.{i}": x for i, x in enumerate(pending[0]) if x is not None} if pending else {}
                 return {**replay_arrays("rb", rb), "action_log": action_log[: global_step // args.num_envs], "obs": obs,
                         "ep_ret": ep_ret, "ep_len": ep_len, "resetting": resetting, "ep_t": ep_t, "roll_in": roll_in, **unapplied}
@@ -1728,7 +1788,7 @@ def main(args: Args) -> None:
 
                 # One update per train_frequency agent steps in total, whatever num_envs is.
                 n_updates, sync = 0, False
-                if global_step > args.learning_starts:
+                if offline_acted + global_step > args.learning_starts:  # the replay's agent steps, as Dopamine's min_replay_history
                     online_rate.start(global_step - args.num_envs)  # the speed of learning, the regime of almost every step
                     update_credit += args.num_envs  # agent steps not yet paid for by an update (integers: no drift)
                     n_updates = update_credit // args.train_frequency

@@ -129,6 +129,9 @@ def test_pretrain(tmp_path, fixture_copy):
     assert all(v > 0 for v in values(s, "offline/cql_loss")) and all(v == 0 for v in values(s, "offline/distill_loss"))
     assert all(v == 0 for v in values(s, "losses/cql_loss") + values(s, "losses/distill_loss"))  # online: TD only
     assert all(v == pytest.approx(1e-5) for v in values(s, "charts/learning_rate"))
+    # The reference's OfflinePretrainingRunner only trains offline: the student does not act, its replay starts empty.
+    assert "(c) offline: 32 updates" in out and "the student played" not in out
+    assert min(st for st, _ in s["losses/loss"]) > 128  # --learning-starts 128 of its own steps, all online
 
 
 @pytest.mark.parametrize("method", ["dagger", "ql-dagger"])

@@ -63,9 +63,12 @@ def test_e2e_logs_every_phase(e2e_run):
     assert [st for st, _ in scalars(acc, "offline/loss")] == list(range(8, 65, 8))
     assert [st for st, _ in scalars(acc, "offline/eval_return")] == [32, 64]
     online_steps = [st for st, _ in scalars(acc, "losses/loss")]
-    assert online_steps and min(online_steps) > 128 and max(online_steps) <= 512
-    # 2 envs, one update per 4 agent steps after 128: (512 - 128) / 4 = 96 updates, logged every 8.
-    assert len(online_steps) == 96 // 8
+    # As the reference, the student also played one agent step per offline update into its own replay (64), so
+    # learning starts once the replay holds 128 agent steps: after online step 64.
+    assert "the student played 64 agent steps into its replay" in r.stdout
+    assert online_steps and min(online_steps) > 64 and max(online_steps) <= 512
+    # 2 envs, one update per 4 agent steps after 64: (512 - 64) / 4 = 112 updates, logged every 8.
+    assert len(online_steps) == 112 // 8
     for tag in ("losses/distill_loss", "offline/distill_loss"):
         assert all(v >= 0 for _, v in scalars(acc, tag))
     coeffs = [v for _, v in scalars(acc, "charts/distill_coeff")]
@@ -113,9 +116,13 @@ def test_dopamine_replay_as_teacher_data(tmp_path, teacher_with_replay):
 
     both = tmp_path / "both"
     both.mkdir()
-    r = run_script(both, *flags[:3], "both", *TINY)
+    r = run_script(both, *flags[:3], "both", *TINY, "--no-offline-acting")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(Dopamine replay + 256 roll-out agent steps)" in r.stdout
+    # --no-offline-acting: the offline phase only learns; the student's replay starts empty at the online phase
+    assert "the student played" not in r.stdout
+    (run_dir,) = (both / "runs").iterdir()
+    assert min(st for st, _ in scalars(read_events(run_dir), "losses/loss")) > 128
 
 
 def test_dopamine_replay_missing_gives_one_error_line(tmp_path, fixture_copy):

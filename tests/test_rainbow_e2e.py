@@ -67,12 +67,16 @@ def test_end_to_end(tmp_path, fixture_copy, teacher_with_replay, network, varian
     for (_, loss), (_, td), (_, kl) in zip(s["offline/loss"], s["offline/td_loss"], s["offline/distill_loss"]):
         assert loss == pytest.approx(td + 1.0 * kl, rel=1e-4)  # lambda = 1, c = 1, uniform weights
 
-    # (d) online phase: losses and charts after learning starts
-    n_updates = (TOTAL - LEARNING_STARTS) // TRAIN_FREQ
+    # (d) online phase: losses and charts after learning starts. The student played one agent step per offline
+    # update into its own replay (the reference's offline iterations), so learning starts once the replay holds
+    # LEARNING_STARTS agent steps: after online step LEARNING_STARTS - OFFLINE_STEPS.
+    assert f"the student played {OFFLINE_STEPS} agent steps into its replay" in proc.stdout
+    starts = LEARNING_STARTS - OFFLINE_STEPS
+    n_updates = (TOTAL - starts) // TRAIN_FREQ
     for name in ["td_loss", "distill_loss", "loss", "q_values", "priority_mean"]:
         points = s[f"losses/{name}"]
         assert len(points) == n_updates // LOG_FREQ, name
-        assert all(LEARNING_STARTS < st <= TOTAL and math.isfinite(v) for st, v in points), name
+        assert all(starts < st <= TOTAL and math.isfinite(v) for st, v in points), name
     assert all(v > 0 for _, v in s["losses/priority_mean"])
     for name in ["SPS", "epsilon", "learning_rate", "distill_coeff"]:
         assert name and s[f"charts/{name}"], name
@@ -86,7 +90,7 @@ def test_end_to_end(tmp_path, fixture_copy, teacher_with_replay, network, varian
     assert "(d) online step 256: student" in out and "(e) final online step 512: student" in out
     assert [st for st, _ in s["eval/episodic_return"]] == [256, 512]
     assert "lambda keeps its value" in out
-    assert "(d) online: 512 agent steps, 96 updates" in proc.stdout
+    assert f"(d) online: 512 agent steps, {n_updates} updates" in proc.stdout
     assert proc.stdout.index("(d) online: 512") < proc.stdout.index("(e) final")
 
     if save:
