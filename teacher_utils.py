@@ -941,14 +941,9 @@ def _unfinished_phase(folder: Path) -> str | None:
         except (OSError, ValueError):
             continue  # as latest_checkpoint does: a damaged one does not count, the previous one does
         phase = meta.get("phase") if isinstance(meta, dict) else None
-        if not isinstance(phase, str) or phase == "done":
-            return None
-        # With --checkpoint-frequency 0 a run interrupted (forced checkpoint), resumed and finished writes no "done"
-        # checkpoint, but it writes its Q probe after the model at the end, which an interrupted run never does.
-        probe = folder / _PROBE_FILE
-        if probe.is_file() and probe.stat().st_mtime_ns > (ckpt / "meta.json").stat().st_mtime_ns:
-            return None
-        return phase
+        # A finished run always ends with a "done" checkpoint once it has a checkpoints folder (the scripts force it
+        # after an interrupted run with --checkpoint-frequency 0).
+        return None if not isinstance(phase, str) or phase == "done" else phase
     return None
 
 
