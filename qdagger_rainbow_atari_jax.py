@@ -589,27 +589,20 @@ def replay_stacks(rb: Replay, s, j) -> jax.Array:
 
 
 def replay_sample(rb: Replay, key, batch_size: int, n_step: int, gamma: float, max_rounds: int = 64) -> tuple[Batch, jax.Array]:
-    """A uniform batch of valid transitions (rejection sampling over the stored rows, `batch_size` candidates per
-    round). Returns (batch, ok); ok is False only if `max_rounds` rounds found too few valid rows."""
+    """A uniform batch of valid transitions: rejection sampling over the stored rows, the first `batch_size` valid
+    ones of `max_rounds` x `batch_size` uniform candidates drawn at once. Returns (batch, ok); ok is False only if
+    the candidates hold too few valid rows. No loop: on a GPU a while_loop waits for the host at every trip."""
     stored = jnp.minimum(rb.count, rb.length)
     cum = jnp.cumsum(stored)
     first = jnp.maximum(rb.count - rb.length, 0)
-
-    def round_(carry):
-        key, out_s, out_j, filled, rounds = carry
-        key, k = jax.random.split(key)
-        p = jax.random.randint(k, (batch_size,), 0, jnp.maximum(cum[-1], 1))
-        s = jnp.searchsorted(cum, p, side="right").astype(jnp.int32)
-        j = first[s] + p - (cum[s] - stored[s])
-        ok = replay_valid(rb, s, j, n_step, gamma)[0]
-        pos = filled + jnp.cumsum(ok) - 1
-        dest = jnp.where(ok & (pos < batch_size), pos, batch_size)
-        return (key, out_s.at[dest].set(s, mode="drop"), out_j.at[dest].set(j, mode="drop"),
-                jnp.minimum(filled + ok.sum(), batch_size), rounds + 1)
-
-    zeros = jnp.zeros(batch_size, jnp.int32)
-    _, s, j, filled, _ = jax.lax.while_loop(lambda c: (c[3] < batch_size) & (c[4] < max_rounds), round_,
-                                            (key, zeros, zeros, jnp.int32(0), jnp.int32(0)))
+    p = jax.random.randint(key, (max_rounds * batch_size,), 0, jnp.maximum(cum[-1], 1))
+    s = jnp.searchsorted(cum, p, side="right", method="compare_all").astype(jnp.int32)
+    j = first[s] + p - (cum[s] - stored[s])
+    ok = replay_valid(rb, s, j, n_step, gamma)[0] & (cum[-1] > 0)
+    dest = jnp.where(ok, jnp.cumsum(ok) - 1, batch_size)  # the k-th valid candidate goes to slot k, the rest are dropped
+    s = jnp.zeros(batch_size, jnp.int32).at[dest].set(s, mode="drop")
+    j = jnp.zeros(batch_size, jnp.int32).at[dest].set(j, mode="drop")
+    filled = jnp.minimum(ok.sum(), batch_size)
     _, returns, discounts, L = replay_valid(rb, s, j, n_step, gamma)
     row = _row(rb, s, j)
     batch = Batch(obs=replay_stacks(rb, s, j), actions=rb.actions[row].astype(jnp.int32), returns=returns, discounts=discounts,
@@ -624,7 +617,7 @@ def replay_sample_prioritized(rb: Replay, key, batch_size: int, n_step: int, gam
     bounds = jnp.linspace(0.0, total, batch_size + 1)
     leaf = tree_find(rb.tree, jax.random.uniform(key, (batch_size,), minval=bounds[:-1], maxval=bounds[1:]))
     probs = rb.tree[rb.tree.shape[0] // 2 + leaf] / total
-    s = (jnp.searchsorted(rb.base, leaf, side="right") - 1).astype(jnp.int32)
+    s = (jnp.searchsorted(rb.base, leaf, side="right", method="compare_all") - 1).astype(jnp.int32)
     count, length = rb.count[s], rb.length[s]
     j = count - 1 - jnp.mod(count - 1 - (leaf - rb.base[s]), length)  # the absolute row held at that leaf
     ok, returns, discounts, L = replay_valid(rb, s, j, n_step, gamma)
@@ -859,6 +852,18 @@ def make_act(q_fn):
 
 def on_cpu() -> bool:
     return jax.default_backend() == "cpu"
+
+
+def make_act_distill(act, teacher_q_fn):
+    """`act` and the teacher's Q-values of the same states (cached in the replay for the distillation loss) in
+    one jitted call: a dispatch less per vector step."""
+
+    @jax.jit
+    def act_distill(params, teacher_params, obs, key, epsilon):
+        actions, _, key = act(params, obs, key, epsilon)
+        return actions, teacher_q_fn(teacher_params, obs), key
+
+    return act_distill
 
 
 def make_act_jsrl(student_q_fn, teacher_q_fn):
@@ -1351,7 +1356,8 @@ def main(args: Args) -> None:
     act_student = make_act(lambda p, o, k: expected_q(student.apply(p, o, key=k), support))
     act_student_eval = make_act(lambda p, o, k: expected_q(student.apply(p, o), support))
     act_teacher = make_act(lambda p, o, k: teacher_q_fn(p, o)) if uses_teacher else None
-    teacher_q_jit = jax.jit(teacher_q_fn) if uses_teacher else None
+    teacher_q_jit = jax.jit(teacher_q_fn) if uses_teacher else None  # JSRL's acting with distillation
+    act_distill = make_act_distill(act_student, teacher_q_fn) if uses_teacher else None
     act_jsrl = make_act_jsrl(lambda p, o, k: expected_q(student.apply(p, o, key=k), support), teacher_q_fn) if jsrl else None
 
     progress = dict(meta.get("progress", {}))
@@ -1537,9 +1543,25 @@ def main(args: Args) -> None:
                 return {**replay_arrays("rb", rb), "offline_action_log": act_log[: offline_acted // args.num_envs],
                         "offline_ep_ret": act_ret, "offline_ep_len": act_len, "offline_resetting": act_resetting}
 
+            unchecked = []  # (first update, n, metrics on the device): fetched at log steps, not after every call (a stall)
+
+            def check_offline_metrics() -> None:
+                for step0, n, m in jax.device_get(unchecked):
+                    if not m["sample_ok"][:n].all():
+                        raise ConfigError("the teacher data has too few valid transitions to sample a batch; collect more (--teacher-steps)")
+                    if not np.isfinite(m["loss"][:n]).all():
+                        raise ConfigError(f"the offline loss is not finite at update {step0 + int(np.argmin(np.isfinite(m['loss'][:n]))) + 1} "
+                                          f"(phase c); the last good checkpoint is in {ckpt_dir}; lower --learning-rate")
+                    for i in range(n):
+                        if (step0 + i + 1) % args.log_frequency == 0 or step0 + i + 1 == args.offline_steps:
+                            for name in ("td_loss", "distill_loss", "cql_loss", "margin_loss", "loss", "q_values"):
+                                writer.add_scalar(f"offline/{name}", float(m[name][i]), step0 + i + 1)
+                unchecked.clear()
+
             def offline_eval() -> None:
                 """Every offline_eval_frequency updates, as the reference's runner evaluates each offline iteration."""
                 nonlocal next_eval, progress
+                check_offline_metrics()
                 t_eval = time.time()
                 returns, _, steps = evaluate_student(state.params, "offline eval", 20_000 + step)
                 offline_rate.pause(time.time() - t_eval)
@@ -1563,16 +1585,19 @@ def main(args: Args) -> None:
                         # epsilon over the offline updates without a warm-up; noisy nets: end_e (identity_epsilon)
                         epsilon = args.end_e if args.noisy else linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, offline_acted)
                         obs_dev = jax.device_put(act_obs, compute_device)
-                        actions, _, key = act_student(state.params, obs_dev, key, epsilon)
-                        teacher_q = teacher_q_jit(teacher_params, obs_dev) if online_q_dim else None
+                        if online_q_dim:
+                            actions, teacher_q, key = act_distill(state.params, teacher_params, obs_dev, key, epsilon)
+                        else:
+                            (actions, _, key), teacher_q = act_student(state.params, obs_dev, key, epsilon), None
+                        actions = np.asarray(actions)
+                        act_envs.send(actions)  # the emulators step while the device learns
                     if args.replay_on_host:
                         state, offline_key, metrics = offline_on_host_replay(learner, state, teacher_rb, offline_key, step, n, offline_coefs,
                                                                              max(args.target_network_frequency // args.train_frequency, 1), compute_device)
                     else:
                         state, offline_key, metrics = learner.offline(state, teacher_rb, offline_key, jnp.int32(step), n, offline_coefs)
-                    if acting:  # the envs step while the device learns
-                        actions = np.asarray(actions)
-                        next_obs, reward, terminated, truncated, info = act_envs.step(actions)
+                    if acting:
+                        next_obs, reward, terminated, truncated, info = act_envs.recv()
                         act_log[offline_acted // args.num_envs] = actions
                         live = ~act_resetting
                         act_ret += np.where(live, info["reward"], 0.0)
@@ -1584,17 +1609,10 @@ def main(args: Args) -> None:
                         rb = learner.add(rb, 0, *jax.device_put((act_obs[:, -1], actions, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated,
                                                                  truncated, next_obs[:, -1], teacher_q), replay_device))
                         act_obs, offline_acted = next_obs, offline_acted + args.num_envs
-                    metrics = jax.device_get(metrics)
-                    if not metrics["sample_ok"][:n].all():
-                        raise ConfigError("the teacher data has too few valid transitions to sample a batch; collect more (--teacher-steps)")
-                    if not np.isfinite(metrics["loss"][:n]).all():
-                        raise ConfigError(f"the offline loss is not finite at update {step + int(np.argmin(np.isfinite(metrics['loss'][:n]))) + 1} "
-                                          f"(phase c); the last good checkpoint is in {ckpt_dir}; lower --learning-rate")
-                    for i in range(n):
-                        if (step + i + 1) % args.log_frequency == 0 or step + i + 1 == args.offline_steps:
-                            for name in ("td_loss", "distill_loss", "cql_loss", "margin_loss", "loss", "q_values"):
-                                writer.add_scalar(f"offline/{name}", float(metrics[name][i]), step + i + 1)
+                    unchecked.append((step, n, metrics))
                     step += n
+                    if step // args.log_frequency != (step - n) // args.log_frequency or step == args.offline_steps or interrupt.requested:
+                        check_offline_metrics()
                     bar.update(n)
                     offline_rate.start(step)  # from the end of the first (compiling) call
                     if step > offline_rate.n0:
@@ -1602,6 +1620,7 @@ def main(args: Args) -> None:
                     progress = dict(step=step, next_eval=next_eval, offline_acted=offline_acted)
                     stop("offline", offline_arrays())
                     if step < args.offline_steps and due(step, step - n, ckpt_every):
+                        check_offline_metrics()
                         checkpoint("offline", offline_arrays())
             if offline:
                 if args.offline_eval_frequency and step >= next_eval:
@@ -1680,6 +1699,8 @@ def main(args: Args) -> None:
                     state, rb, online_key, m = learner.online(state, rb, teacher_rb, online_key, *transition, c, n_updates=n_updates)
                 if sync:
                     state = learner.sync(state)
+                if n_updates:  # the speed of learning (the regime of almost every step), from the end of its first, compiling call
+                    online_rate.start(global_step)
                 if log_step is not None:
                     m = jax.device_get(m)
                     if not m.pop("sample_ok"):
@@ -1758,14 +1779,16 @@ def main(args: Args) -> None:
                     use_teacher = jsrl_use_teacher(ep_t, roll_in, args.jsrl_roll_in_guide, share, jsrl_rng.random(args.num_envs))
                     actions, key = act_jsrl(state.params, teacher_params, obs_dev, key, epsilon, use_teacher)
                     teacher_actions += int((use_teacher & ~resetting).sum())
-                else:
-                    actions, _, key = act_student(state.params, obs_dev, key, epsilon)
-                # The teacher's Q of this step's states, cached in the replay with it; once lambda is 0 for good no loss reads them.
-                teacher_q = (teacher_q_jit(teacher_params, obs_dev) if lam > 0 else zeros_q) if online_q_dim else None
-                if pending is not None:
-                    learn()  # dispatched after the actions: the device learns while the envs step
+                    teacher_q = (teacher_q_jit(teacher_params, obs_dev) if lam > 0 else zeros_q) if online_q_dim else None
+                elif online_q_dim and lam > 0:  # the teacher's Q of this step's states, cached in the replay with it
+                    actions, teacher_q, key = act_distill(state.params, teacher_params, obs_dev, key, epsilon)
+                else:  # once lambda is 0 for good no loss reads them
+                    (actions, _, key), teacher_q = act_student(state.params, obs_dev, key, epsilon), zeros_q
                 actions = np.asarray(actions)
-                next_obs, reward, terminated, truncated, info = envs.step(actions)
+                envs.send(actions)
+                if pending is not None:
+                    learn()  # the device learns while the emulators step
+                next_obs, reward, terminated, truncated, info = envs.recv()
                 action_log[global_step // args.num_envs] = actions
                 if global_step == 0:
                     writer.add_scalar("charts/epsilon", epsilon, 0)  # where the exploration schedule starts
@@ -1789,7 +1812,6 @@ def main(args: Args) -> None:
                 # One update per train_frequency agent steps in total, whatever num_envs is.
                 n_updates, sync = 0, False
                 if offline_acted + global_step > args.learning_starts:  # the replay's agent steps, as Dopamine's min_replay_history
-                    online_rate.start(global_step - args.num_envs)  # the speed of learning, the regime of almost every step
                     update_credit += args.num_envs  # agent steps not yet paid for by an update (integers: no drift)
                     n_updates = update_credit // args.train_frequency
                     update_credit -= n_updates * args.train_frequency

@@ -2084,7 +2084,16 @@ class DopamineAtariEnvs:
         return self._zero_old_slots(obs, info["elapsed_step"]), info
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
-        obs, reward, terminated, truncated, info = self.envs.step(np.asarray(actions))
+        self.send(actions)
+        return self.recv()
+
+    def send(self, actions: np.ndarray) -> None:
+        """The first half of ``step``: the emulators start stepping in envpool's threads and this returns at once,
+        so the caller can launch device work meanwhile; ``recv`` waits for the result (always all envs, in order)."""
+        self.envs.send(np.asarray(actions))
+
+    def recv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        obs, reward, terminated, truncated, info = self.envs.recv()
         return self._zero_old_slots(obs, info["elapsed_step"]), reward, terminated, truncated, info
 
     def close(self) -> None:

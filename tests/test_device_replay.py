@@ -117,6 +117,31 @@ def test_sample_batch_is_consistent(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_samplers_have_no_loop(script):
+    """On a GPU every trip of a while_loop waits for the host: sampling must not loop (the sum tree is unrolled)."""
+    _, rb = fill_both(script, 60, 2, 3, 0.99, 80, seed=5)
+    jaxprs = [jax.make_jaxpr(lambda rb, k: script.replay_sample(rb, k, 32, 3, 0.99))(rb, jax.random.PRNGKey(0))]
+    if hasattr(script, "replay_sample_prioritized"):
+        prb = script.make_replay([64, 64], 0, prioritized=True)
+        jaxprs.append(jax.make_jaxpr(lambda rb, k: script.replay_sample_prioritized(rb, k, 32, 3, 0.99, 0.5))(prb, jax.random.PRNGKey(0)))
+    for jaxpr in jaxprs:
+        text = str(jaxpr)
+        assert "while" not in text and "scan" not in text and "cond[" not in text
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sampling_needs_batch_size_valid_rows_among_the_candidates(script):
+    """Rejection sampling from max_rounds x batch candidates: a few valid rows are found, none is not ok."""
+    gamma, n_step = 0.99, 3
+    ref, rb = fill_both(script, 60, 2, n_step, gamma, 80, seed=5)
+    valid = int(ref.valid(*all_rows(ref))[0].sum())
+    batch, ok = script.replay_sample(rb, jax.random.PRNGKey(1), 8, n_step, gamma, max_rounds=64)
+    assert bool(ok) and 0 < valid
+    _, ok = script.replay_sample(rb, jax.random.PRNGKey(1), 8, n_step, gamma, max_rounds=0)
+    assert not bool(ok)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_sampling_an_empty_or_invalid_buffer_reports_not_ok(script):
     rb = script.make_replay([16], 0)
     _, ok = script.replay_sample(rb, jax.random.PRNGKey(0), 4, 3, 0.99)

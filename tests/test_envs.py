@@ -62,6 +62,29 @@ def test_stack_shifts_frames_oldest_first():
     envs.close()
 
 
+def test_send_then_recv_is_a_step():
+    """The scripts split each step into send (the emulators start) and recv, launching device work between them;
+    that must give exactly envpool's synchronous step, auto-resets and zeroed stack slots included."""
+    a = tu.make_teacher_envs("Breakout-v5", 3, seed=5, max_episode_steps=7)
+    b = tu.make_teacher_envs("Breakout-v5", 3, seed=5, max_episode_steps=7)
+    np.testing.assert_array_equal(a.reset()[0], b.reset()[0])
+    rng = np.random.default_rng(0)
+    ends = 0
+    for _ in range(20):
+        actions = rng.integers(0, 4, 3)
+        raw = a.envs.step(actions)  # envpool's own synchronous step, then the same zeroing
+        expected = (a._zero_old_slots(raw[0], raw[4]["elapsed_step"]), *raw[1:4])
+        b.send(actions)
+        _ = np.ones((64, 64)) @ np.ones((64, 64))  # other work while the emulators step
+        got = b.recv()
+        for x, y in zip(expected, got[:4]):
+            np.testing.assert_array_equal(x, y)
+        ends += int((got[2] | got[3]).sum())
+    assert ends >= 3  # auto-resets were crossed
+    a.close()
+    b.close()
+
+
 @pytest.mark.parametrize("bad", ["Breakout-v4", "breakout", "BreakoutNoFrameskip-v4", "Ant-v4"])
 def test_unknown_env_id_lists_close_matches(bad):
     with pytest.raises(tu.EnvIdError) as e:
