@@ -130,6 +130,31 @@ def test_samplers_have_no_loop(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_hot_paths_have_no_loop_but_the_fused_scan(script):
+    """The jitted online step (store + updates) and the offline call loop nowhere but in the fused scan of
+    accelerators (written out on a CPU): no trip waits for the host on a GPU."""
+    import optax
+
+    rainbow_ = script is rainbow
+    args = script.Args(num_envs=2, batch_size=8)
+    student = script.make_student(args, 4) if rainbow_ else script.make_student(args.network, 4)
+    params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=1.5e-4)
+    state = script.QState.create(apply_fn=student.apply, params=params, target_params=params, tx=tx)
+    learner = script.make_learner(args, student, script.make_support(args), 4) if rainbow_ else script.make_learner(args, student, 4)
+    rb = script.make_replay([64, 64], 4, **(dict(prioritized=True) if rainbow_ else {}))
+    c = script.coefs(1.0, 1.0, 1e-4)
+    z = np.zeros((2, 84, 84), np.uint8)
+    step = (z, np.zeros(2, np.int32), np.zeros(2, np.float32), np.zeros(2, bool), np.zeros(2, bool), z, np.zeros((2, 4), np.float32))
+    online = jax.make_jaxpr(functools.partial(learner.online, n_updates=2))(state, rb, None, jax.random.PRNGKey(0), *step, c)
+    offline = jax.make_jaxpr(lambda s, t, k: learner.offline(s, t, k, jnp.int32(0), 2, c))(state, script.make_replay([128], 4), jax.random.PRNGKey(0))
+    for jaxpr in (online, offline):
+        text = str(jaxpr)
+        assert "while[" not in text and "cond[" not in text
+        assert text.count("scan[") == (0 if script.on_cpu() else int(jaxpr is offline))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_sampling_needs_batch_size_valid_rows_among_the_candidates(script):
     """Rejection sampling from max_rounds x batch candidates: a few valid rows are found, none is not ok."""
     gamma, n_step = 0.99, 3
