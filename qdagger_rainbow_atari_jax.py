@@ -1611,14 +1611,16 @@ def main(args: Args) -> None:
                         act_obs, offline_acted = next_obs, offline_acted + args.num_envs
                     unchecked.append((step, n, metrics))
                     step += n
-                    if step // args.log_frequency != (step - n) // args.log_frequency or step == args.offline_steps or interrupt.requested:
+                    if step // args.log_frequency != (step - n) // args.log_frequency or step == args.offline_steps:
                         check_offline_metrics()
                     bar.update(n)
                     offline_rate.start(step)  # from the end of the first (compiling) call
                     if step > offline_rate.n0:
                         writer.add_scalar("offline/SPS", offline_rate(step), step)
                     progress = dict(step=step, next_eval=next_eval, offline_acted=offline_acted)
-                    stop("offline", offline_arrays())
+                    if interrupt.requested:
+                        check_offline_metrics()  # the losses of the updates done are logged before the checkpoint
+                        stop("offline", offline_arrays())
                     if step < args.offline_steps and due(step, step - n, ckpt_every):
                         check_offline_metrics()
                         checkpoint("offline", offline_arrays())
