@@ -1317,8 +1317,6 @@ def main(args: Args) -> None:
                 while offline and step < args.offline_steps:
                     if args.offline_eval_frequency and step >= next_eval:
                         offline_eval()
-                    boundary = min(args.offline_steps, next_eval) if args.offline_eval_frequency else args.offline_steps
-                    n = k_static if boundary - step >= k_static else 1  # before a boundary K does not divide: one by one
                     if acting:
                         n = min(k_static, args.offline_steps - step)  # one update per agent step, as the reference
                         epsilon = linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, offline_acted)  # no warm-up offline
@@ -1329,6 +1327,9 @@ def main(args: Args) -> None:
                             (actions, _, key), teacher_q = act_student(state.params, obs_dev, key, epsilon), None
                         actions = np.asarray(actions)
                         act_envs.send(actions)  # the emulators step while the device learns
+                    else:  # before a boundary (an evaluation, the end) K does not divide: one by one
+                        boundary = min(args.offline_steps, next_eval) if args.offline_eval_frequency else args.offline_steps
+                        n = k_static if boundary - step >= k_static else 1
                     if args.replay_on_host:
                         state, offline_key, metrics = offline_on_host_replay(learner, state, teacher_rb, offline_key, step, n, offline_coefs,
                                                                              max(args.target_network_frequency // args.train_frequency, 1), compute_device)

@@ -117,19 +117,6 @@ def test_sample_batch_is_consistent(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_samplers_have_no_loop(script):
-    """On a GPU every trip of a while_loop waits for the host: sampling must not loop (the sum tree is unrolled)."""
-    _, rb = fill_both(script, 60, 2, 3, 0.99, 80, seed=5)
-    jaxprs = [jax.make_jaxpr(lambda rb, k: script.replay_sample(rb, k, 32, 3, 0.99))(rb, jax.random.PRNGKey(0))]
-    if hasattr(script, "replay_sample_prioritized"):
-        prb = script.make_replay([64, 64], 0, prioritized=True)
-        jaxprs.append(jax.make_jaxpr(lambda rb, k: script.replay_sample_prioritized(rb, k, 32, 3, 0.99, 0.5))(prb, jax.random.PRNGKey(0)))
-    for jaxpr in jaxprs:
-        text = str(jaxpr)
-        assert "while" not in text and "scan" not in text and "cond[" not in text
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
 def test_hot_paths_have_no_loop_but_the_fused_scan(script):
     """The jitted online step (store + updates) and the offline call loop nowhere but in the fused scan of
     accelerators (written out on a CPU): no trip waits for the host on a GPU."""
@@ -155,15 +142,28 @@ def test_hot_paths_have_no_loop_but_the_fused_scan(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_sampling_needs_batch_size_valid_rows_among_the_candidates(script):
-    """Rejection sampling from max_rounds x batch candidates: a few valid rows are found, none is not ok."""
-    gamma, n_step = 0.99, 3
+def test_sampling_is_ok_exactly_when_the_candidates_hold_a_batch_of_valid_rows(script):
+    """max_rounds x batch uniform candidates: ok with the binomial probability P(Bin(R*B, f) >= B), f the valid share
+    of the stored rows, and an ok batch holds valid rows only."""
+    from math import comb
+
+    gamma, n_step, B, R, trials = 0.99, 3, 8, 1, 600  # f = 0.8 here: P(ok) = 0.8^8 = 0.17
     ref, rb = fill_both(script, 60, 2, n_step, gamma, 80, seed=5)
-    valid = int(ref.valid(*all_rows(ref))[0].sum())
-    batch, ok = script.replay_sample(rb, jax.random.PRNGKey(1), 8, n_step, gamma, max_rounds=64)
-    assert bool(ok) and 0 < valid
-    _, ok = script.replay_sample(rb, jax.random.PRNGKey(1), 8, n_step, gamma, max_rounds=0)
-    assert not bool(ok)
+    env, j = all_rows(ref)
+    ok_ref = ref.valid(env, j)[0]
+    valid_flat = set((env * ref.rows + j % ref.rows)[ok_ref].tolist())
+    f = len(valid_flat) / int(np.minimum(ref.count, ref.rows).sum())
+    assert 0.5 < f < 1.0  # some invalid rows, so a batch can fail
+    n = R * B
+    p_ok = sum(comb(n, k) * f**k * (1 - f) ** (n - k) for k in range(B, n + 1))
+    sample = jax.jit(lambda rb, k: script.replay_sample(rb, k, B, n_step, gamma, max_rounds=R))
+    oks = 0
+    for t in range(trials):
+        batch, ok = sample(rb, jax.random.PRNGKey(t))
+        if bool(ok):
+            oks += 1
+            assert set(np.asarray(batch.index).tolist()) <= valid_flat
+    assert abs(oks / trials - p_ok) < 4 * np.sqrt(p_ok * (1 - p_ok) / trials) + 1e-3
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
