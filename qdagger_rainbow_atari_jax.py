@@ -509,7 +509,10 @@ def replay_add(rb: Replay, first_stream: int, frames, actions, rewards, terminat
     """One vector step of streams first_stream.. : newest frames of s_t, a_t, clipped r_t, flags, newest frames of
     s_{t+1} (and the teacher's Q-values of s_t). envpool auto-resets: a step right after an episode end is the
     reset (its action ignored) and is not stored. With prioritized replay, rows enter the sum tree (at the max
-    priority) once they are valid for this n-step horizon, and leave it when overwritten."""
+    priority) once they are valid for this n-step horizon, and leave it when overwritten. frames and next_frames
+    may also be the whole (N, 4, 84, 84) observations: the loops pass the device copy they acted on, so no frame
+    crosses to the device twice."""
+    frames, next_frames = (f[:, -1] if f.ndim == 4 else f for f in (frames, next_frames))
     rows = rb.frames.shape[0]
     s = first_stream + jnp.arange(frames.shape[0])
     live = ~rb.ended[s]
@@ -969,16 +972,17 @@ def make_learner(args: Args, student: RainbowNetwork, support: jax.Array, num_ac
         return state, rb, key, m | {"priority_mean": jnp.mean((td + 1e-10) ** args.per_alpha),
                                     "rehearsal_share": jnp.mean(rehearsed.astype(jnp.float32)), "sample_ok": ok}
 
-    def online_step(state, rb, trb, key, frames, actions, rewards, terminated, truncated, next_frames, teacher_q, c: Coefs, n_updates: int):
+    def online_step(state, rb, trb, key, frames, actions, rewards, terminated, truncated, next_frames, teacher_q, c: Coefs, sync=False,
+                    *, n_updates: int):
         """Store one vector step (with the teacher's Q of its states, computed when they were acted on), then run the
         n_updates (static: it takes at most three values, 0 during the warm-up, then the floor and ceiling of
         num_envs / train_frequency) updates due after it, each writing its samples' new priorities before the next
-        samples."""
+        samples; then the target sync if `sync` (traced: no separate call to compile and dispatch when one falls due)."""
         rb = replay_add(rb, 0, frames, actions, rewards, terminated, truncated, next_frames, teacher_q, n_step=args.n_step)
         metrics = zero_metrics
         for _ in range(n_updates):
             state, rb, key, metrics = one_update(state, rb, trb, key, c)
-        return state, rb, key, metrics
+        return sync_target(state, sync), rb, key, metrics
 
     return Learner(offline=offline, online=jax.jit(online_step, donate_argnums=(0, 1), static_argnames="n_updates"),
                    add=jax.jit(functools.partial(replay_add, n_step=args.n_step), donate_argnums=0, static_argnums=1),
@@ -1040,7 +1044,7 @@ def evaluate(act, params, envs: tu.DopamineAtariEnvs, max_steps: int, epsilon: f
     recording = frames is not None
     with tqdm(total=max_steps, desc=desc, leave=False, file=sys.stderr, mininterval=2.0) as bar:
         while active.any() and not (stop and stop()):
-            actions, _, key = act(params, obs, key, epsilon)
+            actions, _, key = act(params, jax.device_put(obs, jax.devices()[0]), key, epsilon)  # committed, as in the training loops: one compilation
             obs, _, terminated, truncated, info = envs.step(np.asarray(actions))
             if resetting.any():  # an env that just reset starts a new episode only while the budget lasts
                 budget_left = steps < max_steps and (max_episodes is None or started < max_episodes)
@@ -1253,9 +1257,10 @@ def main(args: Args) -> None:
         print(f"{run_dir} finished already; nothing to resume")
         return
 
-    key = jax.random.PRNGKey(args.seed)
-    key, student_key, offline_key, online_key = jax.random.split(key, 4)
     compute_device = jax.devices()[0]
+    # Keys committed to the device from the start: a jitted call first fed an uncommitted key, then the committed key
+    # it returned, compiles twice (a compilation inside the timed, steady part of a phase).
+    key, student_key, offline_key, online_key = jax.device_put(list(jax.random.split(jax.random.PRNGKey(args.seed), 4)), compute_device)
     replay_device = jax.devices("cpu")[0] if args.replay_on_host else compute_device
     env_kwargs = dict(max_episode_steps=args.max_episode_steps)
     probe_envs = tu.make_teacher_envs(args.env_id, 1, seed=args.seed, **env_kwargs)
@@ -1365,7 +1370,7 @@ def main(args: Args) -> None:
     seq = meta.get("seq", 0)
     if resume:
         state = tree_from(resume[0], "state", state, compute_device)
-        key, offline_key, online_key = (jnp.asarray(k) for k in tu.read_checkpoint_array(resume[0], "keys"))
+        key, offline_key, online_key = jax.device_put(list(tu.read_checkpoint_array(resume[0], "keys")), compute_device)
     interrupt = tu.Interrupt()
     last_checkpoint = time.time()
     teacher_rb = None
@@ -1409,7 +1414,7 @@ def main(args: Args) -> None:
                               f"`python {os.path.basename(__file__)} --resume --run-name {resume_name}`")
 
     def evaluate_student(params, desc, seed_offset, frames=None):
-        k = jax.random.fold_in(jax.random.PRNGKey(args.seed), seed_offset)  # apart from the training keys: a rerun after a resume is the same
+        k = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(args.seed), seed_offset), compute_device)  # apart from the training keys: a rerun after a resume is the same
         envs = tu.make_teacher_envs(args.env_id, args.eval_num_envs, seed=args.seed + seed_offset, **env_kwargs)
         try:
             return evaluate(act_student_eval, params, envs, args.eval_steps, args.eval_epsilon, k, desc=desc, frames=frames,
@@ -1466,21 +1471,22 @@ def main(args: Args) -> None:
             def store_pending():
                 nonlocal teacher_rb, pending
                 if pending is not None:
-                    teacher_rb = learner.add(teacher_rb, int(dopamine), *jax.device_put((*pending, obs[:, -1], pending_q), replay_device))
+                    teacher_rb = learner.add(teacher_rb, int(dopamine), *jax.device_put((*pending, obs_dev, pending_q), replay_device))
                     pending = None
 
             def collect_arrays():
                 return {**replay_arrays("teacher_rb", teacher_rb), "action_log": action_log[: collected // args.num_envs]}
 
+            obs_dev = jax.device_put(obs, compute_device)  # each observation crosses to the device once: acted on, then stored
             with tqdm(total=rollout_steps, initial=collected, desc="teacher data", file=sys.stderr, mininterval=2.0) as bar:
                 while collected < rollout_steps:
-                    actions, teacher_q, key = act_teacher(teacher_params, jax.device_put(obs, compute_device), key, args.teacher_epsilon)
+                    actions_dev, teacher_q, key = act_teacher(teacher_params, obs_dev, key, args.teacher_epsilon)
                     store_pending()  # the previous step, stored while this step's actions are computed and the envs step
-                    actions = np.asarray(actions)
+                    actions = np.asarray(actions_dev)
                     next_obs, reward, terminated, truncated, _ = envs.step(actions)
                     action_log[collected // args.num_envs] = actions
-                    pending, pending_q = (obs[:, -1], actions, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated), teacher_q
-                    obs = next_obs
+                    pending, pending_q = (obs_dev, actions_dev, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated), teacher_q
+                    obs, obs_dev = next_obs, jax.device_put(next_obs, compute_device)
                     collected += args.num_envs
                     bar.update(args.num_envs)
                     if collected >= 2 * args.num_envs:
@@ -1535,6 +1541,7 @@ def main(args: Args) -> None:
                     rb = make_replay(online_lengths, online_q_dim, replay_device, prioritized=True)
                     act_ret, act_len, act_resetting = np.zeros(args.num_envs), np.zeros(args.num_envs, np.int64), np.zeros(args.num_envs, bool)
                     act_obs = act_envs.reset()[0]
+                act_obs_dev = jax.device_put(act_obs, compute_device)  # each observation crosses to the device once: acted on, then stored
 
             def offline_arrays() -> dict | None:
                 """The student's replay and the acting envs' state, when the student acts offline."""
@@ -1582,12 +1589,11 @@ def main(args: Args) -> None:
                         n = min(k_static, args.offline_steps - step)  # one update per agent step, as the reference
                         # epsilon over the offline updates without a warm-up; noisy nets: end_e (identity_epsilon)
                         epsilon = args.end_e if args.noisy else linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, offline_acted)
-                        obs_dev = jax.device_put(act_obs, compute_device)
                         if online_q_dim:
-                            actions, teacher_q, key = act_distill(state.params, teacher_params, obs_dev, key, epsilon)
+                            actions_dev, teacher_q, key = act_distill(state.params, teacher_params, act_obs_dev, key, epsilon)
                         else:
-                            (actions, _, key), teacher_q = act_student(state.params, obs_dev, key, epsilon), None
-                        actions = np.asarray(actions)
+                            (actions_dev, _, key), teacher_q = act_student(state.params, act_obs_dev, key, epsilon), None
+                        actions = np.asarray(actions_dev)
                         act_envs.send(actions)  # the emulators step while the device learns
                     else:  # before a boundary (an evaluation, the end) K does not divide: one by one
                         boundary = min(args.offline_steps, next_eval) if args.offline_eval_frequency else args.offline_steps
@@ -1607,17 +1613,18 @@ def main(args: Args) -> None:
                         for i in np.flatnonzero(done):
                             writer.add_scalar("offline/episodic_return", act_ret[i], offline_acted + i + 1)
                         act_ret[done], act_len[done], act_resetting = 0.0, 0, done
-                        rb = learner.add(rb, 0, *jax.device_put((act_obs[:, -1], actions, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated,
-                                                                 truncated, next_obs[:, -1], teacher_q), replay_device))
-                        act_obs, offline_acted = next_obs, offline_acted + args.num_envs
+                        next_obs_dev = jax.device_put(next_obs, compute_device)  # stored now, acted on next
+                        rb = learner.add(rb, 0, *jax.device_put((act_obs_dev, actions_dev, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated,
+                                                                 truncated, next_obs_dev, teacher_q), replay_device))
+                        act_obs_dev, offline_acted = next_obs_dev, offline_acted + args.num_envs
                     unchecked.append((step, n, metrics))
                     step += n
+                    offline_rate.start(step)  # from the end of the first (compiling) call
                     if step // args.log_frequency != (step - n) // args.log_frequency or step == args.offline_steps:
                         check_offline_metrics()
+                        if step > offline_rate.n0:  # with the losses, as online: a log write per call costs the host time
+                            writer.add_scalar("offline/SPS", offline_rate(step), step)
                     bar.update(n)
-                    offline_rate.start(step)  # from the end of the first (compiling) call
-                    if step > offline_rate.n0:
-                        writer.add_scalar("offline/SPS", offline_rate(step), step)
                     progress = dict(step=step, next_eval=next_eval, offline_acted=offline_acted)
                     if interrupt.requested:
                         check_offline_metrics()  # the losses of the updates done are logged before the checkpoint
@@ -1686,7 +1693,9 @@ def main(args: Args) -> None:
                 return online_coefs[lam, lr]
 
             if p.get("pending_updates") is not None:
-                pending = (tuple(tu.read_checkpoint_array(resume[0], f"pending.{i}") for i in range(6))
+                # Placed as the live loop has them (observations, actions and teacher Q on the device): no second compilation.
+                pending = (tuple(jax.device_put(x, compute_device) if i in (0, 1, 5) else x
+                                 for i, x in enumerate(tu.read_checkpoint_array(resume[0], f"pending.{i}") for i in range(6)))
                            + ((jax.device_put(tu.read_checkpoint_array(resume[0], "pending.6"), compute_device),) if online_q_dim else (None,)),
                            p["pending_updates"], p["pending_sync"], p["pending_log"])
 
@@ -1698,10 +1707,10 @@ def main(args: Args) -> None:
                 if args.replay_on_host:
                     state, rb, online_key, m = learn_on_host_replay(learner, state, rb, teacher_rb, online_key, jax.device_put(transition, replay_device),
                                                                     n_updates, c, compute_device, args.per_alpha)
+                    if sync:
+                        state = learner.sync(state)
                 else:
-                    state, rb, online_key, m = learner.online(state, rb, teacher_rb, online_key, *transition, c, n_updates=n_updates)
-                if sync:
-                    state = learner.sync(state)
+                    state, rb, online_key, m = learner.online(state, rb, teacher_rb, online_key, *transition, c, sync, n_updates=n_updates)
                 if n_updates:  # the speed of learning (the regime of almost every step), from the end of its first, compiling call
                     online_rate.start(global_step)
                 if log_step is not None:
@@ -1766,9 +1775,10 @@ def main(args: Args) -> None:
                     print("warning: the envs did not reach the checkpoint's observation; the episodes in progress differ from the interrupted run", file=sys.stderr)
             else:
                 obs, _ = envs.reset()
+            obs_dev = jax.device_put(obs, compute_device)  # each observation crosses to the device once: acted on, then stored
             bar = tqdm(total=args.total_timesteps, initial=global_step, desc="online", file=sys.stderr, mininterval=2.0)
             offline_updates = args.offline_steps if offline else 0
-            zeros_q = jnp.zeros((args.num_envs, online_q_dim), jnp.float32) if online_q_dim else None
+            zeros_q = jax.device_put(np.zeros((args.num_envs, online_q_dim), np.float32), compute_device) if online_q_dim else None
             while global_step < args.total_timesteps:
                 # Epsilon counts the offline updates as training steps, as the reference's schedule does (Dopamine's warm-up too);
                 # noisy nets explore by their noise with epsilon = end_e (Dopamine 4.0.6's identity_epsilon).
@@ -1776,7 +1786,6 @@ def main(args: Args) -> None:
                                                                         max(global_step + offline_updates - args.epsilon_warmup_steps, 0))
                 if pending is not None and not args.overlap_env:
                     learn()
-                obs_dev = jax.device_put(obs, compute_device)
                 if jsrl:  # the teacher acts in the roll-in (with --jsrl-roll-in-guide) and, after it, with a decaying probability
                     share = jsrl_teacher_share(args.jsrl_guide_prob, args.jsrl_decay_period, global_step + offline_updates)
                     use_teacher = jsrl_use_teacher(ep_t, roll_in, args.jsrl_roll_in_guide, share, jsrl_rng.random(args.num_envs))
@@ -1787,11 +1796,12 @@ def main(args: Args) -> None:
                     actions, teacher_q, key = act_distill(state.params, teacher_params, obs_dev, key, epsilon)
                 else:  # once lambda is 0 for good no loss reads them
                     (actions, _, key), teacher_q = act_student(state.params, obs_dev, key, epsilon), zeros_q
-                actions = np.asarray(actions)
+                actions_dev, actions = actions, np.asarray(actions)
                 envs.send(actions)
                 if pending is not None:
                     learn()  # the device learns while the emulators step
                 next_obs, reward, terminated, truncated, info = envs.recv()
+                next_obs_dev = jax.device_put(next_obs, compute_device)  # stored with this step, acted on at the next
                 action_log[global_step // args.num_envs] = actions
                 if global_step == 0:
                     writer.add_scalar("charts/epsilon", epsilon, 0)  # where the exploration schedule starts
@@ -1821,10 +1831,10 @@ def main(args: Args) -> None:
                     if global_step >= next_target_sync:
                         sync = True
                         next_target_sync += args.target_network_frequency
-                transition = (obs[:, -1], actions, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated, next_obs[:, -1], teacher_q)
+                transition = (obs_dev, actions_dev, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated, next_obs_dev, teacher_q)
                 log_now = updates // args.log_frequency != (updates + n_updates) // args.log_frequency
                 pending = (transition, n_updates, sync, global_step if log_now else None)  # its losses are logged when it is learned
-                obs = next_obs
+                obs, obs_dev = next_obs, next_obs_dev
                 if log_now:
                     writer.add_scalar("charts/SPS", online_rate(global_step), global_step)
                     writer.add_scalar("charts/epsilon", epsilon, global_step)

@@ -76,6 +76,24 @@ def test_valid_set_returns_discounts_and_stacks_match_numpy(script, num_envs, ca
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_adding_whole_observations_stores_their_newest_frames(script):
+    """The loops store the (N, 4, 84, 84) observations they acted on (already on the device); the replay keeps only
+    each one's newest frame, exactly as if the frames had been passed."""
+    kwargs = dict(prioritized=True) if script is rainbow else {}
+    by_frames = by_stacks = script.make_replay([40] * 3, 0, **kwargs)
+    add = jax.jit(script.replay_add, static_argnums=1)
+    rng = np.random.default_rng(5)
+    for frames, actions, rewards, term, trunc, nxt in random_streams(3, 70, seed=11):
+        # older stack slots hold other frames: only slot 3 may be read
+        obs, next_obs = (np.concatenate([rng.integers(0, 256, (3, 3, 84, 84), np.uint8), f[:, None]], axis=1) for f in (frames, nxt))
+        by_frames = add(by_frames, 0, frames, actions, rewards, term, trunc, nxt)
+        by_stacks = add(by_stacks, 0, jnp.asarray(obs), jnp.asarray(actions), rewards, term, trunc, jnp.asarray(next_obs))
+    for a, b in zip(jax.tree.leaves(by_frames), jax.tree.leaves(by_stacks)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(by_frames.count.sum()) > 120  # wrapped around
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_uniform_sampling_covers_exactly_the_valid_rows_uniformly(script):
     gamma, n_step = 0.99, 3
     ref, rb = fill_both(script, 60, 2, n_step, gamma, 80, seed=5)

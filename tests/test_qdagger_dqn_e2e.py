@@ -3,6 +3,7 @@ lines, the paper's protocol (teacher replay, epsilon, evaluation), and a check
 that offline distillation actually distils."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import optax
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import compile_log
 import qdagger_dqn_atari_jax as q
 import teacher_utils as tu
 
@@ -44,7 +46,8 @@ def scalars(acc, tag):
 def e2e_run(tmp_path_factory, fixture_copy):
     cwd = tmp_path_factory.mktemp("dqn_e2e")
     # epsilon decays over 50 training steps, fewer than the 64 offline updates that count toward it (as 50k < 1M in the paper)
-    r = run_script(cwd, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--num-envs", "2", "--save-model", "--epsilon-decay-steps", "50", *TINY)
+    r = run_script(cwd, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--num-envs", "2", "--save-model", "--epsilon-decay-steps", "50", *TINY,
+                   env={**os.environ, "JAX_LOG_COMPILES": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     (run_dir,) = (cwd / "runs").iterdir()
     return r, run_dir
@@ -87,6 +90,15 @@ def test_e2e_logs_every_phase(e2e_run):
     assert order == sorted(order)
     args = json.loads((run_dir / "args.json").read_text())
     assert args["env_id"] == "Breakout-v5" and args["offline_steps"] == 64
+
+
+def test_no_hot_path_compiles_twice_for_the_same_shapes(e2e_run):
+    """Every key and observation a hot path is fed sits on the device from the start (a fresh PRNG key or a numpy
+    array first, then the device array a call returned, compiles the function twice: seconds inside a phase)."""
+    r, _ = e2e_run
+    hot = {"jit(act)", "jit(act_distill)", "jit(offline)", "jit(online_step)", "jit(replay_add)"}
+    assert hot <= compile_log.compiled_names(r.stderr)  # the log was read
+    assert not [k for k in compile_log.recompiled(r.stderr) if k[0] in hot]
 
 
 def test_saved_model_reloads_with_the_same_q_values(e2e_run):
@@ -352,8 +364,7 @@ def test_no_recompilation_after_warm_up():
     key = jax.random.PRNGKey(0)
     obs = rng.integers(0, 256, (2, 4, 84, 84), np.uint8)
     for i in range(30):  # warm-up: fill the buffer, then the update counts a run meets (0, 1 or 2 per vector step), a sync
-        state, rb, key, _ = learner.online(state, rb, None, key, *steps[i], q.coefs(1.0, 3.0, 1e-4), n_updates=max(i - 27, 0))
-    state = learner.sync(state)
+        state, rb, key, _ = learner.online(state, rb, None, key, *steps[i], q.coefs(1.0, 3.0, 1e-4), i == 29, n_updates=max(i - 27, 0))
     state, key, _ = learner.offline(state, trb, key, jnp.int32(0), 4, q.coefs(1.0, 3.0, 1e-4))
     act(state.params, obs, key, 1.0)
     compiles = []
@@ -362,9 +373,7 @@ def test_no_recompilation_after_warm_up():
     for i in range(30, 45):
         lam = 1.0 - i / 50
         c = q.coefs(1.0, 3.0 * lam, q.lambda_learning_rate(lam, 1e-4, 1e-5), margin=0.5 * lam)
-        state, rb, key, _ = learner.online(state, rb, None, key, *steps[i], c, n_updates=i % 3)
-        if i % 4 == 0:
-            state = learner.sync(state)
+        state, rb, key, _ = learner.online(state, rb, None, key, *steps[i], c, i % 4 == 0, n_updates=i % 3)  # the target sync is traced
         state, key, _ = learner.offline(state, trb, key, jnp.int32(i), 4, c)
         act(state.params, obs, key, q.linear_schedule(1.0, 0.01, 50, i))
     assert compiles == []  # XLA compiled nothing after the warm-up
@@ -379,9 +388,12 @@ def test_replay_on_host_path_equals_the_fused_online_step():
     b_state, b_rb, b_key = jax.tree.map(jnp.copy, state0), q.make_replay([64, 64], 4), jax.random.PRNGKey(2)
     for t, tr in enumerate(steps):
         n = 2 if t >= 20 else 0
-        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, None, a_key, *tr, c, n_updates=n)
+        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, None, a_key, *tr, c, t == 30, n_updates=n)  # the sync inside the step
         b_state, b_rb, b_key, _ = q.learn_on_host_replay(learner, b_state, b_rb, None, b_key, tr, n, c, jax.devices()[0])
         if t == 30:
-            a_state, b_state = learner.sync(a_state), learner.sync(b_state)
+            b_state = learner.sync(b_state)  # --replay-on-host syncs by a separate call after the step's updates
+            synced = jax.tree.map(np.asarray, b_state.params)
     for a, b in zip(jax.tree.leaves((a_state.params, a_state.target_params, a_rb)), jax.tree.leaves((b_state.params, b_state.target_params, b_rb))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(a_state.target_params), jax.tree.leaves(synced)):  # the target is the params of step 30's end
+        np.testing.assert_allclose(np.asarray(a), b, rtol=2e-5, atol=1e-7)

@@ -3,12 +3,15 @@ Dopamine TF teacher fixture, tiny budgets, every phase checked in the TensorBoar
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+import compile_log
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "qdagger_rainbow_atari_jax.py"
@@ -20,7 +23,7 @@ OFFLINE_STEPS, TOTAL, LEARNING_STARTS, LOG_FREQ, TRAIN_FREQ = 32, 512, 128, 8, 4
 
 def run_script(tmp_path: Path, teacher: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
     cmd = [sys.executable, str(SCRIPT), "--env-id", "Breakout-v5", "--teacher-checkpoint", str(teacher), *TINY, *extra]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_LOG_COMPILES": "1"})
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
@@ -50,6 +53,10 @@ def test_end_to_end(tmp_path, fixture_copy, teacher_with_replay, network, varian
     proc, run_dir = run_script(tmp_path, teacher_with_replay if dopamine else fixture_copy("teacher_tf"), *extra)
     out = proc.stdout + proc.stderr
     s = read_scalars(run_dir)
+    # Keys and observations sit on the device from the start: no hot path compiles twice for the same shapes.
+    hot = {"jit(act)", "jit(act_distill)", "jit(offline)", "jit(online_step)", "jit(replay_add)"}
+    assert hot <= compile_log.compiled_names(proc.stderr)
+    assert not [k for k in compile_log.recompiled(proc.stderr) if k[0] in hot]
 
     # (a) teacher evaluation: two whole 100-step episodes on 2 envs
     assert "(a) teacher: mean return 0.0 +- 0.0 over 2 episodes (200 agent steps)" in proc.stdout

@@ -497,3 +497,21 @@ def test_offline_fused_host_path_and_rehearsal_without_cached_q():
     rb = filled(0, True)  # no distillation or margin term online: the student's replay caches 0 columns
     batch, ok, rehearsed = learner.sample(rb, trb, jax.random.PRNGKey(3))
     assert bool(ok) and batch.teacher_q.shape == (B, 0) and 0 < int(np.asarray(rehearsed).sum()) < B
+
+    # The online step (store, updates with new priorities, the target sync traced inside it) equals the
+    # --replay-on-host path, which syncs by a separate call.
+    a_state, b_state, a_rb, b_rb = jax.tree.map(jnp.copy, state0), jax.tree.map(jnp.copy, state0), jax.tree.map(jnp.copy, rb), jax.tree.map(jnp.copy, rb)
+    a_key = b_key = jax.random.PRNGKey(9)
+    for t in range(6):
+        tr = (rng.integers(0, 256, (2, 4, 84, 84), np.uint8), rng.integers(0, A, 2).astype(np.int32), rng.uniform(-1, 1, 2).astype(np.float32),
+              np.array([False, t == 3]), np.array([False, False]), rng.integers(0, 256, (2, 4, 84, 84), np.uint8), None)
+        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, None, a_key, *tr, c, t == 2, n_updates=2)
+        b_state, b_rb, b_key, _ = qr.learn_on_host_replay(learner, b_state, b_rb, None, b_key, tr, 2, c, jax.devices()[0], args.per_alpha)
+        if t == 2:
+            b_state = learner.sync(b_state)
+            synced = jax.tree.map(np.asarray, b_state.params)
+    for a, b in zip(jax.tree.leaves((a_state.params, a_state.target_params, a_rb)), jax.tree.leaves((b_state.params, b_state.target_params, b_rb))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(a_state.target_params), jax.tree.leaves(synced)):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=2e-5, atol=1e-7)
+    assert not all(np.allclose(np.asarray(a), b) for a, b in zip(jax.tree.leaves(a_state.params), jax.tree.leaves(synced)))  # learned after the sync
