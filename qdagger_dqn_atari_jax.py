@@ -1431,11 +1431,10 @@ def main(args: Args) -> None:
                 return online_coefs[lam, lr]
 
             if p.get("pending_updates") is not None:
-                # Placed as the live loop has them (observations, actions and teacher Q on the device): no second compilation.
-                pending = (tuple(jax.device_put(x, compute_device) if i in (0, 1, 5) else x
-                                 for i, x in enumerate(tu.read_checkpoint_array(resume[0], f"pending.{i}") for i in range(6)))
-                           + ((jax.device_put(tu.read_checkpoint_array(resume[0], "pending.6"), compute_device),) if online_q_dim else (None,)),
-                           p["pending_updates"], p["pending_sync"], p["pending_log"])
+                saved = [tu.read_checkpoint_array(resume[0], f"pending.{i}") for i in range(6)]
+                saved.append(tu.read_checkpoint_array(resume[0], "pending.6") if online_q_dim else None)
+                # On the device, as the live loop holds it: the learning call does not compile again for other placements.
+                pending = (tuple(jax.device_put(saved, compute_device)), p["pending_updates"], p["pending_sync"], p["pending_log"])
 
             def learn():
                 nonlocal state, rb, online_key, pending
@@ -1568,7 +1567,9 @@ def main(args: Args) -> None:
                     if global_step >= next_target_sync:
                         sync = True
                         next_target_sync += args.target_network_frequency
-                transition = (obs_dev, actions_dev, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated, next_obs_dev, teacher_q)
+                # The whole step on the device (the observations and actions are already): one placement, as after a resume.
+                transition = (obs_dev, actions_dev, *jax.device_put((np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated), compute_device),
+                              next_obs_dev, teacher_q)
                 log_now = updates // args.log_frequency != (updates + n_updates) // args.log_frequency
                 pending = (transition, n_updates, sync, global_step if log_now else None)  # its losses are logged when it is learned
                 obs, obs_dev = next_obs, next_obs_dev

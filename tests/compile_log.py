@@ -3,6 +3,8 @@
 import collections
 import re
 
+# The scripts' jitted hot paths (the acting calls, the offline call, the online step, the replay's store).
+HOT = {"jit(act)", "jit(act_distill)", "jit(offline)", "jit(online_step)", "jit(replay_add)"}
 LINE = re.compile(r"Compiling (jit\([^)]*\)) with global shapes and types (\(.*?\))\. Argument mapping: (\(.*?\))\.$", re.M)
 
 
@@ -18,3 +20,8 @@ def recompiled(stderr: str) -> dict:
 
 def compiled_names(stderr: str) -> set:
     return {name for name, _, _ in LINE.findall(stderr)}
+
+
+def hot_recompiled(stderr: str) -> list:
+    """The hot paths among `recompiled`: each of these compilations lands inside a phase."""
+    return [k for k in recompiled(stderr) if k[0] in HOT]

@@ -462,9 +462,10 @@ def test_lambda_and_learning_rate():
     assert qr.distill_lambda_update(0.7, -5.0, 11.0, 1.0, 10, 2_500_000, clip=True)[0] == 1.0
 
 
-def test_offline_fused_host_path_and_rehearsal_without_cached_q():
-    """K fused offline updates equal the --replay-on-host path (separate jitted sample, update, sync: the same keys
-    and target syncs); rehearsal mixes teacher rows into a student replay that caches no teacher Q."""
+def test_fused_offline_and_online_steps_equal_the_host_paths_and_rehearsal_without_cached_q():
+    """K fused offline updates, and online steps with their traced target sync, equal the --replay-on-host path
+    (separate jitted sample, update, sync: the same keys and target syncs); rehearsal mixes teacher rows into a
+    student replay that caches no teacher Q."""
     import optax
 
     A, B = 4, 8

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import compile_log
 import teacher_utils as tu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,9 +25,9 @@ FLAGS = ["--num-envs", "2", "--eval-steps", "100", "--max-episode-steps", "100",
          "--checkpoint-frequency", "16", "--keep-checkpoints", "2", "--save-model"]
 
 
-def start(cwd, name, *extra, teacher):
+def start(cwd, name, *extra, teacher, env=None):
     return subprocess.Popen([sys.executable, str(SCRIPT), "--teacher-checkpoint", str(teacher), "--run-name", name, *FLAGS, *extra],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def finish(proc, timeout=600):
@@ -94,9 +95,11 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, fixture_copy, uninterrupted,
     run_dir = tmp_path / "runs" / "cut"
     kill_in(start(tmp_path, "cut", teacher=teacher), run_dir, phase, key)
     assert not (run_dir / "qdagger_dqn_atari_jax.cleanrl_model").exists()
-    rc, out, err = finish(start(tmp_path, "cut", "--resume", teacher=teacher))
+    rc, out, err = finish(start(tmp_path, "cut", "--resume", teacher=teacher, env={**os.environ, "JAX_LOG_COMPILES": "1"}))
     assert rc == 0, err[-3000:]
     assert "(resumed from ckpt-" in out and f"phase {phase})" in out
+    # The restored keys and, online, the restored pending step sit where the live loop keeps them: no second compilation.
+    assert "jit(online_step)" in compile_log.compiled_names(err) and not compile_log.hot_recompiled(err)
     assert final_line(out) == final_line(out_whole)
     assert (run_dir / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes() == (whole / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes()
     resumed, reference = one_value_per_step(run_dir), one_value_per_step(whole)
