@@ -1594,8 +1594,6 @@ def main(args: Args) -> None:
                             actions_dev, teacher_q, key = act_distill(state.params, teacher_params, act_obs_dev, key, epsilon)
                         else:
                             (actions_dev, _, key), teacher_q = act_student(state.params, act_obs_dev, key, epsilon), None
-                        actions = np.asarray(actions_dev)
-                        act_envs.send(actions)  # the emulators step while the device learns
                     else:  # before a boundary (an evaluation, the end) K does not divide: one by one
                         boundary = min(args.offline_steps, next_eval) if args.offline_eval_frequency else args.offline_steps
                         n = k_static if boundary - step >= k_static else 1
@@ -1605,6 +1603,10 @@ def main(args: Args) -> None:
                     else:
                         state, offline_key, metrics = learner.offline(state, teacher_rb, offline_key, jnp.int32(step), n, offline_coefs)
                     if acting:
+                        # The updates were launched before this wait, queued behind the act that does not need them: the
+                        # device learns while the actions travel back and the emulators step, never idle for the host.
+                        actions = np.asarray(actions_dev)
+                        act_envs.send(actions)
                         next_obs, reward, terminated, truncated, info = act_envs.recv()
                         act_log[offline_acted // args.num_envs] = actions
                         live = ~act_resetting
@@ -1699,7 +1701,11 @@ def main(args: Args) -> None:
                 # On the device, as the live loop holds it: the learning call does not compile again for other placements.
                 pending = (tuple(jax.device_put(saved, compute_device)), p["pending_updates"], p["pending_sync"], p["pending_log"])
 
-            def learn():
+            unlogged = []  # (agent step, losses on the device) of a learned step, fetched after the envs' step
+
+            def learn(log_later: bool = False):
+                """Apply `pending`. Its losses (at a log step) are fetched at once, or with `log_later` by log_losses(): a
+                fetch waits for the updates, and the hot loop must not wait for them before it has the next actions."""
                 nonlocal state, rb, online_key, pending
                 transition, n_updates, sync, log_step = pending
                 c = coefs_now()
@@ -1714,7 +1720,12 @@ def main(args: Args) -> None:
                 if n_updates:  # the speed of learning (the regime of almost every step), from the end of its first, compiling call
                     online_rate.start(global_step)
                 if log_step is not None:
-                    m = jax.device_get(m)
+                    unlogged.append((log_step, m))
+                if not log_later:
+                    log_losses()
+
+            def log_losses():
+                for log_step, m in jax.device_get(unlogged):
                     if not m.pop("sample_ok"):
                         raise ConfigError("the online replay has too few valid transitions to sample a batch; raise --learning-starts")
                     if not np.isfinite(m["loss"]):
@@ -1722,6 +1733,7 @@ def main(args: Args) -> None:
                                           f"{ckpt_dir}; lower --learning-rate")
                     for name, value in m.items():
                         writer.add_scalar(f"losses/{name}", float(value), log_step)
+                unlogged.clear()
 
             def online_progress() -> dict:
                 """Updates `progress` and returns the arrays of a checkpoint of this phase."""
@@ -1785,7 +1797,7 @@ def main(args: Args) -> None:
                 epsilon = args.end_e if args.noisy else linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps,
                                                                         max(global_step + offline_updates - args.epsilon_warmup_steps, 0))
                 if pending is not None and not args.overlap_env:
-                    learn()
+                    learn(log_later=True)
                 if jsrl:  # the teacher acts in the roll-in (with --jsrl-roll-in-guide) and, after it, with a decaying probability
                     share = jsrl_teacher_share(args.jsrl_guide_prob, args.jsrl_decay_period, global_step + offline_updates)
                     use_teacher = jsrl_use_teacher(ep_t, roll_in, args.jsrl_roll_in_guide, share, jsrl_rng.random(args.num_envs))
@@ -1796,11 +1808,14 @@ def main(args: Args) -> None:
                     actions, teacher_q, key = act_distill(state.params, teacher_params, obs_dev, key, epsilon)
                 else:  # once lambda is 0 for good no loss reads them
                     (actions, _, key), teacher_q = act_student(state.params, obs_dev, key, epsilon), zeros_q
+                if pending is not None:
+                    # Launched before the actions are fetched, queued behind the act that does not need it: the device
+                    # learns while the actions travel back and the emulators step.
+                    learn(log_later=True)
                 actions_dev, actions = actions, np.asarray(actions)
                 envs.send(actions)
-                if pending is not None:
-                    learn()  # the device learns while the emulators step
                 next_obs, reward, terminated, truncated, info = envs.recv()
+                log_losses()
                 next_obs_dev = jax.device_put(next_obs, compute_device)  # stored with this step, acted on at the next
                 action_log[global_step // args.num_envs] = actions
                 if global_step == 0:
