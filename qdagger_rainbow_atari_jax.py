@@ -857,18 +857,6 @@ def on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def make_act_distill(act, teacher_q_fn):
-    """`act` and the teacher's Q-values of the same states (cached in the replay for the distillation loss) in
-    one jitted call: a dispatch less per vector step."""
-
-    @jax.jit
-    def act_distill(params, teacher_params, obs, key, epsilon):
-        actions, _, key = act(params, obs, key, epsilon)
-        return actions, teacher_q_fn(teacher_params, obs), key
-
-    return act_distill
-
-
 def make_act_jsrl(student_q_fn, teacher_q_fn):
     """JSRL's acting (the reference's LOLSDQNAgent): per env, the teacher's greedy action where `use_teacher`, else
     the student's epsilon-greedy one; student_q_fn(params, obs, key). Returns (actions, key)."""
@@ -974,7 +962,7 @@ def make_learner(args: Args, student: RainbowNetwork, support: jax.Array, num_ac
 
     def online_step(state, rb, trb, key, frames, actions, rewards, terminated, truncated, next_frames, teacher_q, c: Coefs, sync=False,
                     *, n_updates: int):
-        """Store one vector step (with the teacher's Q of its states, computed when they were acted on), then run the
+        """Store one vector step (with the teacher's Q of its states, computed while the envs took it), then run the
         n_updates (static: it takes at most three values, 0 during the warm-up, then the floor and ceiling of
         num_envs / train_frequency) updates due after it, each writing its samples' new priorities before the next
         samples; then the target sync if `sync` (traced: no separate call to compile and dispatch when one falls due)."""
@@ -1361,8 +1349,9 @@ def main(args: Args) -> None:
     act_student = make_act(lambda p, o, k: expected_q(student.apply(p, o, key=k), support))
     act_student_eval = make_act(lambda p, o, k: expected_q(student.apply(p, o), support))
     act_teacher = make_act(lambda p, o, k: teacher_q_fn(p, o)) if uses_teacher else None
-    teacher_q_jit = jax.jit(teacher_q_fn) if uses_teacher else None  # JSRL's acting with distillation
-    act_distill = make_act_distill(act_student, teacher_q_fn) if uses_teacher else None
+    # The teacher's Q of the states the student acts on (cached in its replay), a call of its own launched after the
+    # actions are sent: the act's round trip, on the critical path of every vector step, does not wait for it.
+    teacher_q_jit = jax.jit(teacher_q_fn) if uses_teacher else None
     act_jsrl = make_act_jsrl(lambda p, o, k: expected_q(student.apply(p, o, key=k), support), teacher_q_fn) if jsrl else None
 
     progress = dict(meta.get("progress", {}))
@@ -1590,10 +1579,7 @@ def main(args: Args) -> None:
                         n = min(k_static, args.offline_steps - step)  # one update per agent step, as the reference
                         # epsilon over the offline updates without a warm-up; noisy nets: end_e (identity_epsilon)
                         epsilon = args.end_e if args.noisy else linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, offline_acted)
-                        if online_q_dim:
-                            actions_dev, teacher_q, key = act_distill(state.params, teacher_params, act_obs_dev, key, epsilon)
-                        else:
-                            (actions_dev, _, key), teacher_q = act_student(state.params, act_obs_dev, key, epsilon), None
+                        actions_dev, _, key = act_student(state.params, act_obs_dev, key, epsilon)
                     else:  # before a boundary (an evaluation, the end) K does not divide: one by one
                         boundary = min(args.offline_steps, next_eval) if args.offline_eval_frequency else args.offline_steps
                         n = k_static if boundary - step >= k_static else 1
@@ -1604,9 +1590,10 @@ def main(args: Args) -> None:
                         state, offline_key, metrics = learner.offline(state, teacher_rb, offline_key, jnp.int32(step), n, offline_coefs)
                     if acting:
                         # The updates were launched before this wait, queued behind the act that does not need them: the
-                        # device learns while the actions travel back and the emulators step, never idle for the host.
+                        # device learns while the actions travel back and the emulators step instead of idling through the round trip.
                         actions = np.asarray(actions_dev)
                         act_envs.send(actions)
+                        teacher_q = teacher_q_jit(teacher_params, act_obs_dev) if online_q_dim else None
                         next_obs, reward, terminated, truncated, info = act_envs.recv()
                         act_log[offline_acted // args.num_envs] = actions
                         live = ~act_resetting
@@ -1803,17 +1790,17 @@ def main(args: Args) -> None:
                     use_teacher = jsrl_use_teacher(ep_t, roll_in, args.jsrl_roll_in_guide, share, jsrl_rng.random(args.num_envs))
                     actions, key = act_jsrl(state.params, teacher_params, obs_dev, key, epsilon, use_teacher)
                     teacher_actions += int((use_teacher & ~resetting).sum())
-                    teacher_q = (teacher_q_jit(teacher_params, obs_dev) if lam > 0 else zeros_q) if online_q_dim else None
-                elif online_q_dim and lam > 0:  # the teacher's Q of this step's states, cached in the replay with it
-                    actions, teacher_q, key = act_distill(state.params, teacher_params, obs_dev, key, epsilon)
-                else:  # once lambda is 0 for good no loss reads them
-                    (actions, _, key), teacher_q = act_student(state.params, obs_dev, key, epsilon), zeros_q
+                else:
+                    actions, _, key = act_student(state.params, obs_dev, key, epsilon)
                 if pending is not None:
                     # Launched before the actions are fetched, queued behind the act that does not need it: the device
                     # learns while the actions travel back and the emulators step.
                     learn(log_later=True)
                 actions_dev, actions = actions, np.asarray(actions)
                 envs.send(actions)
+                # The teacher's Q of this step's states, cached in the replay with it (zeros once lambda is 0 for good: no
+                # loss reads them then).
+                teacher_q = (teacher_q_jit(teacher_params, obs_dev) if lam > 0 else zeros_q) if online_q_dim else None
                 next_obs, reward, terminated, truncated, info = envs.recv()
                 log_losses()
                 next_obs_dev = jax.device_put(next_obs, compute_device)  # stored with this step, acted on at the next

@@ -3,8 +3,9 @@
 import collections
 import re
 
-# The scripts' jitted hot paths (the acting calls, the offline call, the online step, the replay's store).
-HOT = {"jit(act)", "jit(act_distill)", "jit(offline)", "jit(online_step)", "jit(replay_add)"}
+# The scripts' jitted hot paths (the acting calls, the teacher's Q of the acted-on states, the offline call, the online step,
+# the replay's store).
+HOT = {"jit(act)", "jit(q_values)", "jit(offline)", "jit(online_step)", "jit(replay_add)"}
 LINE = re.compile(r"Compiling (jit\([^)]*\)) with global shapes and types (\(.*?\))\. Argument mapping: (\(.*?\))\.$", re.M)
 
 
