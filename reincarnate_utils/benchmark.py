@@ -5,13 +5,20 @@ configuration and the scripts' own speed, and their ratios:
   limits   env_only_sps        envpool alone (Dopamine settings, random actions)
            update_single_per_s the script's jitted update, one call per update, inputs on the device
            update_fused_per_s  K updates in one lax.scan over device-resident batches
-           teacher_act_per_s   the teacher's jitted epsilon-greedy act, actions fetched each call
+           teacher_act_per_s   the teacher's jitted epsilon-greedy act, observation copied up and actions fetched each call
+           student_act_per_s   the same for the student (the act of the online phase)
   phases   teacher_collect_sps, offline_updates_per_s, online_sps: the script's main() on Breakout-v5 with
            the fixture teacher, each phase's steady-state rate as the script reports it (after its first,
            compiling call; evaluations excluded; online while learning)
   ratios   collect_vs_limit = teacher_collect_sps / env_only_sps
            offline_vs_limit = offline_updates_per_s / update_fused_per_s
            online_vs_limit  = online_sps / min(env_only_sps, train_frequency * update_fused_per_s)
+  bounds   what a loop that acts once per vector step can reach: the act's round trip and the envs' step are
+           serial (the actions of a step need its observations), whatever else overlaps them:
+           collect_serial_bound_sps = num_envs / (num_envs / env_only_sps + 1 / teacher_act_per_s)
+           online_serial_bound_sps  = min(num_envs / (num_envs / env_only_sps + 1 / student_act_per_s),
+                                          train_frequency * update_fused_per_s)
+           collect_vs_serial_bound, online_vs_serial_bound: the phases' rates over them
 Each limit is measured alone, with the whole machine. On a CPU the envs and XLA
 then share the same cores during training, so the online limit (which assumes
 perfect overlap) cannot be reached there.
@@ -131,20 +138,27 @@ def _limits(cfg: Throughput, script, teacher_params) -> dict:
     envs.close()
 
     teacher = tu.DopamineNatureDQN(4)
-    act = script.make_act(lambda p, o, k: teacher.apply(p, o)) if rainbow else script.make_act(teacher.apply)
+    student = script.make_student(args, 4) if rainbow else script.make_student(args.network, 4)
+    params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
+    # The scripts' own acting functions (Rainbow's student acts on its expected Q, noisy nets drawing their noise).
+    if rainbow:
+        support = script.make_support(args)
+        acts = {"teacher": (script.make_act(lambda p, o, k: teacher.apply(p, o)), teacher_params),
+                "student": (script.make_act(lambda p, o, k: script.expected_q(student.apply(p, o, key=k), support)), params)}
+    else:
+        acts = {"teacher": (script.make_act(teacher.apply), teacher_params), "student": (script.make_act(student.apply), params)}
     key = jax.random.PRNGKey(0)
+    for who, (act, act_params) in acts.items():
 
-    def act_once():
-        nonlocal key
-        actions, _, key = act(teacher_params, jax.device_put(obs), key, 0.01)
-        return np.asarray(actions)
+        def act_once():  # as the loops act: the observation copied up, the actions fetched
+            nonlocal key
+            actions, _, key = act(act_params, jax.device_put(obs), key, 0.01)
+            return np.asarray(actions)
 
-    out["teacher_act_per_s"] = _timed(act_once, cfg.limit_seconds)
+        out[f"{who}_act_per_s"] = _timed(act_once, cfg.limit_seconds)
 
     # The update alone: the script's own update function on device-resident batches.
     B, K = args.batch_size, cfg.updates_per_call or (8 if script.on_cpu() else 100)
-    student = script.make_student(args, 4) if rainbow else script.make_student(args.network, 4)
-    params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=1.5e-4)
     state = script.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
     batches = script.Batch(
@@ -219,6 +233,9 @@ def throughput(cfg: Throughput) -> None:
         limits = _limits(cfg, script, teacher_params)
         phases = _phases(cfg, script, teacher)
     rows = -(-args.buffer_size // cfg.num_envs) * cfg.num_envs
+    env_step = cfg.num_envs / limits["env_only_sps"]  # seconds per vector step of the envs alone
+    bounds = {"collect": cfg.num_envs / (env_step + 1 / limits["teacher_act_per_s"]),
+              "online": min(cfg.num_envs / (env_step + 1 / limits["student_act_per_s"]), args.train_frequency * limits["update_fused_per_s"])}
     # The student's replay caches the teacher's Q (4 actions in Breakout) while distillation is on.
     online_bytes = script.replay_bytes([rows], 4, prioritized=True) if cfg.algo == "rainbow" else script.replay_bytes([rows], 4)
     result = {
@@ -227,6 +244,9 @@ def throughput(cfg: Throughput) -> None:
         "collect_vs_limit": round(phases["teacher_collect_sps"] / limits["env_only_sps"], 3),
         "offline_vs_limit": round(phases["offline_updates_per_s"] / limits["update_fused_per_s"], 3),
         "online_vs_limit": round(phases["online_sps"] / min(limits["env_only_sps"], args.train_frequency * limits["update_fused_per_s"]), 3),
+        **{f"{phase}_serial_bound_sps": round(bound, 1) for phase, bound in bounds.items()},
+        "collect_vs_serial_bound": round(phases["teacher_collect_sps"] / bounds["collect"], 3),
+        "online_vs_serial_bound": round(phases["online_sps"] / bounds["online"], 3),
         "bytes_per_transition": round(online_bytes / rows, 1),
         "teacher_bytes_per_transition": round(script.replay_bytes([rows], 4) / rows, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
