@@ -563,6 +563,16 @@ def _activate(rb: Replay, s, live, n_step: int) -> Replay:
                        pending=rb.pending.at[jnp.where(activate, row, rows).ravel()].set(False, mode="drop"))
 
 
+def replay_step(step: tuple, device, host_replay: bool) -> tuple:
+    """A vector step (obs, actions, rewards, terminated, truncated, next_obs, teacher_q) placed where the replay
+    lives. A host replay (--replay-on-host) is sent only the newest frame of each observation, the one it stores: a
+    quarter of the observations' bytes cross back from the accelerator."""
+    if host_replay:
+        obs, next_obs = (x[:, -1] if x.ndim == 4 else x for x in (step[0], step[5]))
+        step = (obs, *step[1:5], next_obs, step[6])
+    return jax.device_put(step, device)
+
+
 def replay_valid(rb: Replay, s, j, n_step: int, gamma: float):
     """For absolute rows j of streams s: (valid, n-step returns, discounts, L)."""
     k = jnp.arange(n_step)
@@ -1460,7 +1470,7 @@ def main(args: Args) -> None:
             def store_pending():
                 nonlocal teacher_rb, pending
                 if pending is not None:
-                    teacher_rb = learner.add(teacher_rb, int(dopamine), *jax.device_put((*pending, obs_dev, pending_q), replay_device))
+                    teacher_rb = learner.add(teacher_rb, int(dopamine), *replay_step((*pending, obs_dev, pending_q), replay_device, args.replay_on_host))
                     pending = None
 
             def collect_arrays():
@@ -1604,8 +1614,8 @@ def main(args: Args) -> None:
                             writer.add_scalar("offline/episodic_return", act_ret[i], offline_acted + i + 1)
                         act_ret[done], act_len[done], act_resetting = 0.0, 0, done
                         next_obs_dev = jax.device_put(next_obs, compute_device)  # stored now, acted on next
-                        rb = learner.add(rb, 0, *jax.device_put((act_obs_dev, actions_dev, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated,
-                                                                 truncated, next_obs_dev, teacher_q), replay_device))
+                        rb = learner.add(rb, 0, *replay_step((act_obs_dev, actions_dev, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated,
+                                                              truncated, next_obs_dev, teacher_q), replay_device, args.replay_on_host))
                         act_obs_dev, offline_acted = next_obs_dev, offline_acted + args.num_envs
                     unchecked.append((step, n, metrics))
                     step += n
@@ -1698,7 +1708,7 @@ def main(args: Args) -> None:
                 c = coefs_now()
                 pending = None
                 if args.replay_on_host:
-                    state, rb, online_key, m = learn_on_host_replay(learner, state, rb, teacher_rb, online_key, jax.device_put(transition, replay_device),
+                    state, rb, online_key, m = learn_on_host_replay(learner, state, rb, teacher_rb, online_key, replay_step(transition, replay_device, True),
                                                                     n_updates, c, compute_device, args.per_alpha)
                     if sync:
                         state = learner.sync(state)

@@ -100,6 +100,22 @@ def test_no_hot_path_compiles_twice_for_the_same_shapes(e2e_run):
     assert not compile_log.hot_recompiled(r.stderr)
 
 
+def test_replay_on_host_run_learns_what_the_device_replay_run_learns(e2e_run, tmp_path, fixture_copy):
+    """The whole script with --replay-on-host (buffers in host memory, each step sent there as its newest frames,
+    the updates composed from separate jitted pieces): the same offline and online losses at the same steps as the
+    run with its replay on the device. On this CPU both replays share one device, so they agree to float precision."""
+    _, run_dir = e2e_run
+    r = run_script(tmp_path, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--num-envs", "2", "--epsilon-decay-steps", "50", *TINY,
+                   "--replay-on-host")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (host_dir,) = (tmp_path / "runs").iterdir()
+    device_run, host_run = read_events(run_dir), read_events(host_dir)
+    for tag in ("offline/loss", "losses/loss", "losses/distill_loss"):
+        want, got = scalars(device_run, tag), scalars(host_run, tag)
+        assert [s for s, _ in got] == [s for s, _ in want] and len(want) > 4, tag
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-3, err_msg=tag)
+
+
 def test_saved_model_reloads_with_the_same_q_values(e2e_run):
     _, run_dir = e2e_run
     args = json.loads((run_dir / "args.json").read_text())
