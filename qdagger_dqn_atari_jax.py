@@ -1330,16 +1330,15 @@ def main(args: Args) -> None:
                     else:  # before a boundary (an evaluation, the end) K does not divide: one by one
                         boundary = min(args.offline_steps, next_eval) if args.offline_eval_frequency else args.offline_steps
                         n = k_static if boundary - step >= k_static else 1
+                    if acting:  # the actions go out first; the updates are launched while the emulators step
+                        actions = np.asarray(actions_dev)
+                        act_envs.send(actions)
                     if args.replay_on_host:
                         state, offline_key, metrics = offline_on_host_replay(learner, state, teacher_rb, offline_key, step, n, offline_coefs,
                                                                              max(args.target_network_frequency // args.train_frequency, 1), compute_device)
                     else:
                         state, offline_key, metrics = learner.offline(state, teacher_rb, offline_key, jnp.int32(step), n, offline_coefs)
                     if acting:
-                        # The updates were launched before this wait, queued behind the act that does not need them: the
-                        # device learns while the actions travel back and the emulators step instead of idling through the round trip.
-                        actions = np.asarray(actions_dev)
-                        act_envs.send(actions)
                         teacher_q = teacher_q_jit(teacher_params, act_obs_dev) if online_q_dim else None
                         next_obs, reward, terminated, truncated, info = act_envs.recv()
                         act_log[offline_acted // args.num_envs] = actions
@@ -1538,18 +1537,21 @@ def main(args: Args) -> None:
                     teacher_actions += int((use_teacher & ~resetting).sum())
                 else:
                     actions, _, key = act_student(state.params, obs_dev, key, epsilon)
-                if pending is not None:
-                    # Launched before the actions are fetched, queued behind the act that does not need it: the device
-                    # learns while the actions travel back and the emulators step.
-                    learn(log_later=True)
                 actions_dev, actions = actions, np.asarray(actions)
                 envs.send(actions)
+                if pending is not None:
+                    # Launched while the emulators step: on a GPU the launch itself holds the host (XLA:GPU enqueues each
+                    # kernel from the calling thread, ~2 ms for this call on an H100 VM), so it must not delay the send.
+                    learn(log_later=True)
                 # The teacher's Q of this step's states, cached in the replay with it (zeros once lambda is 0 for good: no
                 # loss reads them then).
                 teacher_q = (teacher_q_jit(teacher_params, obs_dev) if lam > 0 else zeros_q) if online_q_dim else None
                 next_obs, reward, terminated, truncated, info = envs.recv()
                 log_losses()
-                next_obs_dev = jax.device_put(next_obs, compute_device)  # stored with this step, acted on at the next
+                # The step's host arrays cross in one placement (each a dispatch on the host's critical path); the
+                # observations are stored with this step and acted on at the next.
+                next_obs_dev, *step_dev = jax.device_put((next_obs, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated),
+                                                         compute_device)
                 action_log[global_step // args.num_envs] = actions
                 if global_step == 0:
                     writer.add_scalar("charts/epsilon", epsilon, 0)  # where the exploration schedule starts
@@ -1579,9 +1581,8 @@ def main(args: Args) -> None:
                     if global_step >= next_target_sync:
                         sync = True
                         next_target_sync += args.target_network_frequency
-                # The whole step on the device (the observations and actions are already): one placement, as after a resume.
-                transition = (obs_dev, actions_dev, *jax.device_put((np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated), compute_device),
-                              next_obs_dev, teacher_q)
+                # The whole step on the device, as after a resume.
+                transition = (obs_dev, actions_dev, *step_dev, next_obs_dev, teacher_q)
                 log_now = updates // args.log_frequency != (updates + n_updates) // args.log_frequency
                 pending = (transition, n_updates, sync, global_step if log_now else None)  # its losses are logged when it is learned
                 obs, obs_dev = next_obs, next_obs_dev
