@@ -1540,8 +1540,8 @@ def main(args: Args) -> None:
                 actions_dev, actions = actions, np.asarray(actions)
                 envs.send(actions)
                 if pending is not None:
-                    # Launched while the emulators step: on a GPU the launch itself holds the host (XLA:GPU enqueues each
-                    # kernel from the calling thread, ~2 ms for this call on an H100 VM), so it must not delay the send.
+                    # Launched while the emulators step: on a GPU the launch itself holds the host (about 2 ms for this
+                    # call on an H100 VM, longer than the device takes to run it), so it must not delay the send.
                     learn(log_later=True)
                 # The teacher's Q of this step's states, cached in the replay with it (zeros once lambda is 0 for good: no
                 # loss reads them then).
