@@ -1590,12 +1590,11 @@ def main(args: Args) -> None:
                         # epsilon over the offline updates without a warm-up; noisy nets: end_e (identity_epsilon)
                         epsilon = args.end_e if args.noisy else linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, offline_acted)
                         actions_dev, _, key = act_student(state.params, act_obs_dev, key, epsilon)
+                        actions = np.asarray(actions_dev)
+                        act_envs.send(actions)  # the updates below are launched while the emulators step
                     else:  # before a boundary (an evaluation, the end) K does not divide: one by one
                         boundary = min(args.offline_steps, next_eval) if args.offline_eval_frequency else args.offline_steps
                         n = k_static if boundary - step >= k_static else 1
-                    if acting:  # the actions go out first; the updates are launched while the emulators step
-                        actions = np.asarray(actions_dev)
-                        act_envs.send(actions)
                     if args.replay_on_host:
                         state, offline_key, metrics = offline_on_host_replay(learner, state, teacher_rb, offline_key, step, n, offline_coefs,
                                                                              max(args.target_network_frequency // args.train_frequency, 1), compute_device)
@@ -1612,9 +1611,11 @@ def main(args: Args) -> None:
                         for i in np.flatnonzero(done):
                             writer.add_scalar("offline/episodic_return", act_ret[i], offline_acted + i + 1)
                         act_ret[done], act_len[done], act_resetting = 0.0, 0, done
-                        next_obs_dev = jax.device_put(next_obs, compute_device)  # stored now, acted on next
-                        rb = learner.add(rb, 0, *replay_step((act_obs_dev, actions_dev, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated,
-                                                              truncated, next_obs_dev, teacher_q), replay_device, args.replay_on_host))
+                        # One placement for the step's host arrays, as online; the observations are stored now and acted on next.
+                        next_obs_dev, *step_dev = jax.device_put((next_obs, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated),
+                                                                 compute_device)
+                        rb = learner.add(rb, 0, *replay_step((act_obs_dev, actions_dev, *step_dev, next_obs_dev, teacher_q), replay_device,
+                                                             args.replay_on_host))
                         act_obs_dev, offline_acted = next_obs_dev, offline_acted + args.num_envs
                     unchecked.append((step, n, metrics))
                     step += n
@@ -1721,6 +1722,8 @@ def main(args: Args) -> None:
                     log_losses()
 
             def log_losses():
+                if not unlogged:  # called after every env step; most steps have nothing to log
+                    return
                 for log_step, m in jax.device_get(unlogged):
                     if not m.pop("sample_ok"):
                         raise ConfigError("the online replay has too few valid transitions to sample a batch; raise --learning-starts")

@@ -13,8 +13,9 @@ configuration and the scripts' own speed, and their ratios:
   ratios   collect_vs_limit = teacher_collect_sps / env_only_sps
            offline_vs_limit = offline_updates_per_s / update_fused_per_s
            online_vs_limit  = online_sps / min(env_only_sps, train_frequency * update_fused_per_s)
-  bounds   what a loop that acts once per vector step can reach: the act's round trip and the envs' step are
-           serial (the actions of a step need its observations), whatever else overlaps them:
+  bounds   estimates of what a loop that acts once per vector step can reach: the act's round trip and the envs'
+           step are serial (the actions of a step need its observations), whatever else overlaps them; the round
+           trip is timed alone, so a loop can pass its bound by a little (the roll-out did on an H100 VM, 1.14):
            collect_serial_bound_sps = num_envs / (num_envs / env_only_sps + 1 / teacher_act_per_s)
            online_serial_bound_sps  = min(num_envs / (num_envs / env_only_sps + 1 / student_act_per_s),
                                           train_frequency * update_fused_per_s)
