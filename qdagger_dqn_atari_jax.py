@@ -658,7 +658,8 @@ class Learner(NamedTuple):
     """The jitted hot paths of the offline and online phases, built from the pure functions above."""
 
     offline: callable  # (state, teacher_rb, key, step0, k, coefs) -> (state, key, metrics (k, ...)): k (static) fused updates
-    online: callable  # (state, rb, teacher_rb, key, transition..., teacher_q, coefs, n_updates=) -> (state, rb, key, metrics)
+    online: callable  # (state, rb, teacher_rb, key, transition..., teacher_params, coefs, n_updates=) -> (state, rb, key, metrics)
+    store: callable  # (rb, transition..., teacher_params) -> rb: a step the student acted on, its teacher Q computed inside
     add: callable  # (rb, first_stream, transition..., teacher_q) -> rb
     sample: callable  # (rb, teacher_rb, key) -> (batch, ok, rehearsal share): an online batch
     update: callable  # (state, batch, coefs) -> (state, metrics)
@@ -668,7 +669,7 @@ class Learner(NamedTuple):
 METRICS = ("td_loss", "distill_loss", "cql_loss", "margin_loss", "loss", "q_values", "rehearsal_share")
 
 
-def make_learner(args: Args, student: nn.Module, num_actions: int) -> Learner:
+def make_learner(args: Args, student: nn.Module, num_actions: int, teacher_q_fn=None) -> Learner:
     """Every buffer caches the teacher's Q-values of its states (the teacher data when it is made, the student's
     replay when a step is stored: one teacher forward per agent step instead of a batch per update), so no update
     runs the teacher."""
@@ -713,13 +714,26 @@ def make_learner(args: Args, student: nn.Module, num_actions: int) -> Learner:
         (state, key), metrics = fused_scan(body, (state, key), k)
         return state, key, metrics
 
-    def online_step(state, rb, trb, key, frames, actions, rewards, terminated, truncated, next_frames, teacher_q, c: Coefs, sync=False,
+    def store_acted(rb, obs, actions, rewards, terminated, truncated, next_obs, teacher_params):
+        """Store a vector step the student acted on (whole observations) with the teacher's Q of its states, computed
+        here and not by a call of its own (on a GPU each launch holds the host). Given no teacher_params (lambda is 0
+        for good: no loss reads them), zeros: that variant compiles once, when lambda reaches 0, as a `lax.cond` would
+        make a GPU's host wait for the device on every step. A replay caching no teacher Q (0 columns) stores none."""
+        q_dim = rb.teacher_q.shape[-1]
+        teacher_q = None
+        if q_dim and teacher_params is not None:
+            teacher_q = teacher_q_fn(teacher_params, obs)
+        elif q_dim:
+            teacher_q = jnp.zeros((obs.shape[0], q_dim), jnp.float32)
+        return replay_add(rb, 0, obs, actions, rewards, terminated, truncated, next_obs, teacher_q)
+
+    def online_step(state, rb, trb, key, obs, actions, rewards, terminated, truncated, next_obs, teacher_params, c: Coefs, sync=False,
                     *, n_updates: int):
-        """Store one vector step (with the teacher's Q of its states, computed while the envs took it), then run the
+        """Store one vector step (store_acted: the teacher's Q of its states computed in this call), then run the
         n_updates (static: it takes at most three values, 0 during the warm-up, then the floor and ceiling of
         num_envs / train_frequency) updates due after it; then the target sync if `sync` (traced: no separate call to
         compile and dispatch when one falls due)."""
-        rb = replay_add(rb, 0, frames, actions, rewards, terminated, truncated, next_frames, teacher_q)
+        rb = store_acted(rb, obs, actions, rewards, terminated, truncated, next_obs, teacher_params)
         metrics = zero_metrics
         for _ in range(n_updates):
             key, sk = jax.random.split(key)
@@ -729,7 +743,8 @@ def make_learner(args: Args, student: nn.Module, num_actions: int) -> Learner:
         return sync_target(state, sync), rb, key, metrics
 
     return Learner(offline=offline, online=jax.jit(online_step, donate_argnums=(0, 1), static_argnames="n_updates"),
-                   add=jax.jit(replay_add, donate_argnums=0, static_argnums=1), sample=jax.jit(sample_online), update=jax.jit(update_cached),
+                   store=jax.jit(store_acted, donate_argnums=0), add=jax.jit(replay_add, donate_argnums=0, static_argnums=1),
+                   sample=jax.jit(sample_online), update=jax.jit(update_cached),
                    sync=jax.jit(lambda s: sync_target(s, True), donate_argnums=0))
 
 
@@ -1094,13 +1109,19 @@ def main(args: Args) -> None:
     # A separate target copy: the jitted steps donate the state, and one buffer cannot be donated twice.
     state = jax.device_put(QState.create(apply_fn=student.apply, params=student_params, target_params=jax.tree.map(jnp.copy, student_params),
                                          tx=optimizer), compute_device)
-    learner = make_learner(args, student, num_actions)
+    learner = make_learner(args, student, num_actions, teacher_q_fn)
     act_student = make_act(student.apply)
     act_teacher = make_act(teacher_q_fn) if uses_teacher else None
-    # The teacher's Q of the states the student acts on (cached in its replay), a call of its own launched after the
-    # actions are sent: the act's round trip, on the critical path of every vector step, does not wait for it.
-    teacher_q_jit = jax.jit(teacher_q_fn) if uses_teacher else None
     act_jsrl = make_act_jsrl(student.apply, teacher_q_fn) if jsrl else None
+    teacher_q_jit = jax.jit(teacher_q_fn) if uses_teacher and args.replay_on_host else None
+
+    def host_replay_step(step: tuple, distilling: bool) -> tuple:
+        """--replay-on-host: a step the student acted on, for the host replay (its newest frames), with the teacher's
+        Q of its states computed on the accelerator first (zeros once lambda is 0 for good: no loss reads them)."""
+        teacher_q = None
+        if online_q_dim:
+            teacher_q = teacher_q_jit(teacher_params, step[0]) if distilling else np.zeros((step[0].shape[0], online_q_dim), np.float32)
+        return replay_step((*step, teacher_q), replay_device, True)
 
     progress = dict(meta.get("progress", {}))
     teacher_return = meta.get("teacher_return")
@@ -1338,7 +1359,6 @@ def main(args: Args) -> None:
                     else:
                         state, offline_key, metrics = learner.offline(state, teacher_rb, offline_key, jnp.int32(step), n, offline_coefs)
                     if acting:
-                        teacher_q = teacher_q_jit(teacher_params, act_obs_dev) if online_q_dim else None
                         next_obs, reward, terminated, truncated, info = act_envs.recv()
                         act_log[offline_acted // args.num_envs] = actions
                         live = ~act_resetting
@@ -1351,8 +1371,11 @@ def main(args: Args) -> None:
                         # One placement for the step's host arrays, as online; the observations are stored now and acted on next.
                         next_obs_dev, *step_dev = jax.device_put((next_obs, np.clip(reward, -1.0, 1.0).astype(np.float32), terminated, truncated),
                                                                  compute_device)
-                        rb = learner.add(rb, 0, *replay_step((act_obs_dev, actions_dev, *step_dev, next_obs_dev, teacher_q), replay_device,
-                                                             args.replay_on_host))
+                        acted_step = (act_obs_dev, actions_dev, *step_dev, next_obs_dev)
+                        if args.replay_on_host:
+                            rb = learner.add(rb, 0, *host_replay_step(acted_step, True))
+                        else:  # the teacher's Q of the states computed in the storing call
+                            rb = learner.store(rb, *acted_step, teacher_params if online_q_dim else None)
                         act_obs_dev, offline_acted = next_obs_dev, offline_acted + args.num_envs
                     unchecked.append((step, n, metrics))
                     step += n
@@ -1430,8 +1453,9 @@ def main(args: Args) -> None:
                 return online_coefs[lam, lr]
 
             if p.get("pending_updates") is not None:
+                # (A checkpoint of an older version also holds the teacher's Q of the step, pending.6: the learning call
+                # computes it again from the same parameters and observations.)
                 saved = [tu.read_checkpoint_array(resume[0], f"pending.{i}") for i in range(6)]
-                saved.append(tu.read_checkpoint_array(resume[0], "pending.6") if online_q_dim else None)
                 # On the device, as the live loop holds it: the learning call does not compile again for other placements.
                 pending = (tuple(jax.device_put(saved, compute_device)), p["pending_updates"], p["pending_sync"], p["pending_log"])
 
@@ -1445,12 +1469,13 @@ def main(args: Args) -> None:
                 c = coefs_now()
                 pending = None
                 if args.replay_on_host:
-                    state, rb, online_key, m = learn_on_host_replay(learner, state, rb, teacher_rb, online_key, replay_step(transition, replay_device, True),
+                    state, rb, online_key, m = learn_on_host_replay(learner, state, rb, teacher_rb, online_key, host_replay_step(transition, lam > 0),
                                                                     n_updates, c, compute_device)
                     if sync:
                         state = learner.sync(state)
-                else:
-                    state, rb, online_key, m = learner.online(state, rb, teacher_rb, online_key, *transition, c, sync, n_updates=n_updates)
+                else:  # lambda changes only at an evaluation, which learns the pending step first: it is the step's lambda
+                    state, rb, online_key, m = learner.online(state, rb, teacher_rb, online_key, *transition,
+                                                              teacher_params if online_q_dim and lam > 0 else None, c, sync, n_updates=n_updates)
                 if n_updates:  # the speed of learning (the regime of almost every step), from the end of its first, compiling call
                     online_rate.start(global_step)
                 if log_step is not None:
@@ -1526,7 +1551,6 @@ def main(args: Args) -> None:
             obs_dev = jax.device_put(obs, compute_device)  # each observation crosses to the device once: acted on, then stored
             bar = tqdm(total=args.total_timesteps, initial=global_step, desc="online", file=sys.stderr, mininterval=2.0)
             offline_updates = args.offline_steps if offline else 0
-            zeros_q = jax.device_put(np.zeros((args.num_envs, online_q_dim), np.float32), compute_device) if online_q_dim else None
             while global_step < args.total_timesteps:
                 # Epsilon counts the offline updates as training steps, as the reference's schedule does (Dopamine's warm-up too).
                 epsilon = linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps,
@@ -1546,9 +1570,6 @@ def main(args: Args) -> None:
                     # Launched while the emulators step: on a GPU the launch itself holds the host (about 2 ms for this
                     # call on an H100 VM, longer than the device takes to run it), so it must not delay the send.
                     learn(log_later=True)
-                # The teacher's Q of this step's states, cached in the replay with it (zeros once lambda is 0 for good: no
-                # loss reads them then).
-                teacher_q = (teacher_q_jit(teacher_params, obs_dev) if lam > 0 else zeros_q) if online_q_dim else None
                 next_obs, reward, terminated, truncated, info = envs.recv()
                 log_losses()
                 # The step's host arrays cross in one placement (each a dispatch on the host's critical path); the
@@ -1585,7 +1606,7 @@ def main(args: Args) -> None:
                         sync = True
                         next_target_sync += args.target_network_frequency
                 # The whole step on the device, as after a resume.
-                transition = (obs_dev, actions_dev, *step_dev, next_obs_dev, teacher_q)
+                transition = (obs_dev, actions_dev, *step_dev, next_obs_dev)
                 log_now = updates // args.log_frequency != (updates + n_updates) // args.log_frequency
                 pending = (transition, n_updates, sync, global_step if log_now else None)  # its losses are logged when it is learned
                 obs, obs_dev = next_obs, next_obs_dev

@@ -3,9 +3,9 @@
 import collections
 import re
 
-# The scripts' jitted hot paths (the acting calls, the teacher's Q of the acted-on states, the offline call, the online step,
-# the replay's store).
-HOT = {"jit(act)", "jit(q_values)", "jit(offline)", "jit(online_step)", "jit(replay_add)"}
+# The scripts' jitted hot paths (the acting calls, the offline call, the online step, the store of the offline acting's
+# steps with their teacher Q, the replay's store).
+HOT = {"jit(act)", "jit(offline)", "jit(online_step)", "jit(store_acted)", "jit(replay_add)"}
 LINE = re.compile(r"Compiling (jit\([^)]*\)) with global shapes and types (\(.*?\))\. Argument mapping: (\(.*?\))\.$", re.M)
 
 

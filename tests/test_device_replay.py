@@ -146,12 +146,17 @@ def test_hot_paths_have_no_loop_but_the_fused_scan(script):
     params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=1.5e-4)
     state = script.QState.create(apply_fn=student.apply, params=params, target_params=params, tx=tx)
-    learner = script.make_learner(args, student, script.make_support(args), 4) if rainbow_ else script.make_learner(args, student, 4)
+    teacher = script.make_student(script.Args(network="nature", num_atoms=11), 4) if rainbow_ else script.make_student("nature", 4)
+    teacher_params = teacher.init(jax.random.PRNGKey(1), np.zeros((1, 4, 84, 84), np.uint8))
+    teacher_q = (lambda p, o: script.expected_q(teacher.apply(p, o), jnp.linspace(-10, 10, 11))) if rainbow_ else teacher.apply
+    learner = (script.make_learner(args, student, script.make_support(args), 4, teacher_q) if rainbow_
+               else script.make_learner(args, student, 4, teacher_q))
     rb = script.make_replay([64, 64], 4, **(dict(prioritized=True) if rainbow_ else {}))
     c = script.coefs(1.0, 1.0, 1e-4)
-    z = np.zeros((2, 84, 84), np.uint8)
-    step = (z, np.zeros(2, np.int32), np.zeros(2, np.float32), np.zeros(2, bool), np.zeros(2, bool), z, np.zeros((2, 4), np.float32))
-    online = jax.make_jaxpr(functools.partial(learner.online, n_updates=2))(state, rb, None, jax.random.PRNGKey(0), *step, c)
+    z = np.zeros((2, 4, 84, 84), np.uint8)
+    step = (z, np.zeros(2, np.int32), np.zeros(2, np.float32), np.zeros(2, bool), np.zeros(2, bool), z)
+    # the online step with the teacher's forward pass in it (distillation on)
+    online = jax.make_jaxpr(functools.partial(learner.online, n_updates=2))(state, rb, None, jax.random.PRNGKey(0), *step, teacher_params, c)
     offline = jax.make_jaxpr(lambda s, t, k: learner.offline(s, t, k, jnp.int32(0), 2, c))(state, script.make_replay([128], 4), jax.random.PRNGKey(0))
     for jaxpr in (online, offline):
         text = str(jaxpr)

@@ -319,7 +319,12 @@ def _tiny_learner(**overrides):
     params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=1.5e-4)
     state = q.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
-    return args, student, state, q.make_learner(args, student, 4)
+    return args, student, state, q.make_learner(args, student, 4, teacher_q_fn=student.apply)  # a teacher of the student's architecture
+
+
+def _teacher_params():
+    """The tiny learners' teacher: a Nature CNN (student.apply) with its own initialization."""
+    return q.make_student("nature", 4).init(jax.random.PRNGKey(42), np.zeros((1, 4, 84, 84), np.uint8))
 
 
 def _teacher_buffer(seed=0, steps=60, num_envs=2):
@@ -334,11 +339,11 @@ def _teacher_buffer(seed=0, steps=60, num_envs=2):
 
 
 def _online_steps(rng, count, num_envs=2):
-    """Random envpool-like vector steps, with the teacher's Q of each state as the scripts cache it."""
-    return [(rng.integers(0, 256, (num_envs, 84, 84), np.uint8), rng.integers(0, 4, num_envs).astype(np.int32),
+    """Random envpool-like vector steps (whole observations, as the scripts act on them and store them)."""
+    return [(rng.integers(0, 256, (num_envs, 4, 84, 84), np.uint8), rng.integers(0, 4, num_envs).astype(np.int32),
              rng.uniform(-1, 1, num_envs).astype(np.float32), np.array([t % 11 == 10] + [False] * (num_envs - 1)),
-             np.array([False] * (num_envs - 1) + [t % 13 == 12]), rng.integers(0, 256, (num_envs, 84, 84), np.uint8),
-             rng.normal(size=(num_envs, 4)).astype(np.float32)) for t in range(count)]
+             np.array([False] * (num_envs - 1) + [t % 13 == 12]), rng.integers(0, 256, (num_envs, 4, 84, 84), np.uint8))
+            for t in range(count)]
 
 
 def test_fused_offline_updates_equal_single_updates():
@@ -369,17 +374,18 @@ def test_fused_offline_updates_equal_single_updates():
 
 def test_no_recompilation_after_warm_up():
     """lambda, lr, epsilon and the counters are traced: changing them between calls never compiles the hot paths
-    again (the update count per vector step is static but takes at most three values, all met in the warm-up)."""
+    again (the update count per vector step is static but takes at most three values, all met in the warm-up).
+    Once lambda is 0 for good the teacher leaves the online step: that variant compiles once, then never again."""
     args, student, state, learner = _tiny_learner()
     trb = _teacher_buffer()
     rb = q.make_replay([64, 64], 4)
     act = q.make_act(student.apply)
     rng = np.random.default_rng(0)
-    steps = _online_steps(rng, 45)
-    key = jax.random.PRNGKey(0)
+    steps = _online_steps(rng, 57)
+    key, tp = jax.random.PRNGKey(0), jax.device_put(_teacher_params())
     obs = rng.integers(0, 256, (2, 4, 84, 84), np.uint8)
     for i in range(30):  # warm-up: fill the buffer, then the update counts a run meets (0, 1 or 2 per vector step), a sync
-        state, rb, key, _ = learner.online(state, rb, None, key, *steps[i], q.coefs(1.0, 3.0, 1e-4), i == 29, n_updates=max(i - 27, 0))
+        state, rb, key, _ = learner.online(state, rb, None, key, *steps[i], tp, q.coefs(1.0, 3.0, 1e-4), i == 29, n_updates=max(i - 27, 0))
     state, key, _ = learner.offline(state, trb, key, jnp.int32(0), 4, q.coefs(1.0, 3.0, 1e-4))
     act(state.params, obs, key, 1.0)
     compiles = []
@@ -388,10 +394,17 @@ def test_no_recompilation_after_warm_up():
     for i in range(30, 45):
         lam = 1.0 - i / 50
         c = q.coefs(1.0, 3.0 * lam, q.lambda_learning_rate(lam, 1e-4, 1e-5), margin=0.5 * lam)
-        state, rb, key, _ = learner.online(state, rb, None, key, *steps[i], c, i % 4 == 0, n_updates=i % 3)  # the target sync is traced
+        state, rb, key, _ = learner.online(state, rb, None, key, *steps[i], tp, c, i % 4 == 0, n_updates=i % 3)  # the target sync is traced
         state, key, _ = learner.offline(state, trb, key, jnp.int32(i), 4, c)
         act(state.params, obs, key, q.linear_schedule(1.0, 0.01, 50, i))
     assert compiles == []  # XLA compiled nothing after the warm-up
+    c0 = q.coefs(1.0, 0.0, 1e-5, margin=0.0)
+    for i in range(45, 57):  # lambda = 0 for good: the step without the teacher, for each update count once
+        state, rb, key, _ = learner.online(state, rb, None, key, *steps[i], None, c0, i % 4 == 0, n_updates=i % 3)
+        if i == 47:
+            assert len(compiles) == 3
+            compiles.clear()
+    assert compiles == []
 
 
 def test_replay_on_host_path_equals_the_fused_online_step():
@@ -399,12 +412,13 @@ def test_replay_on_host_path_equals_the_fused_online_step():
     args, student, state0, learner = _tiny_learner()
     steps = _online_steps(np.random.default_rng(1), 40)
     c = q.coefs(1.0, 3.0, 1e-4)
+    tp, teacher_q = _teacher_params(), jax.jit(student.apply)  # the host path is sent the teacher's Q computed on the device
     a_state, a_rb, a_key = jax.tree.map(jnp.copy, state0), q.make_replay([64, 64], 4), jax.random.PRNGKey(2)
     b_state, b_rb, b_key = jax.tree.map(jnp.copy, state0), q.make_replay([64, 64], 4), jax.random.PRNGKey(2)
     for t, tr in enumerate(steps):
         n = 2 if t >= 20 else 0
-        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, None, a_key, *tr, c, t == 30, n_updates=n)  # the sync inside the step
-        b_state, b_rb, b_key, _ = q.learn_on_host_replay(learner, b_state, b_rb, None, b_key, tr, n, c, jax.devices()[0])
+        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, None, a_key, *tr, tp, c, t == 30, n_updates=n)  # the sync inside the step
+        b_state, b_rb, b_key, _ = q.learn_on_host_replay(learner, b_state, b_rb, None, b_key, (*tr, teacher_q(tp, tr[0])), n, c, jax.devices()[0])
         if t == 30:
             b_state = learner.sync(b_state)  # --replay-on-host syncs by a separate call after the step's updates
             synced = jax.tree.map(np.asarray, b_state.params)
@@ -412,3 +426,24 @@ def test_replay_on_host_path_equals_the_fused_online_step():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
     for a, b in zip(jax.tree.leaves(a_state.target_params), jax.tree.leaves(synced)):  # the target is the params of step 30's end
         np.testing.assert_allclose(np.asarray(a), b, rtol=2e-5, atol=1e-7)
+    assert np.abs(np.asarray(a_rb.teacher_q)).min(axis=1).max() > 0  # the teacher's Q computed in the step was stored
+
+
+def test_the_storing_call_computes_the_teacher_q_of_the_acted_on_states():
+    """learner.store (the offline acting's store; the online step stores through it) caches the teacher's Q of each
+    stored state, as a separate teacher call gives it; zeros once lambda is 0 for good (no teacher_params); no
+    column in a replay that caches none. Rows are those replay_add writes (the episode-end row gets zeros)."""
+    _, student, _, learner = _tiny_learner()
+    tp = _teacher_params()
+    steps = _online_steps(np.random.default_rng(3), 12)
+    with_q, zeros, oracle, none = q.make_replay([16, 16], 4), q.make_replay([16, 16], 4), q.make_replay([16, 16], 4), q.make_replay([16, 16], 0)
+    for tr in steps:
+        with_q = learner.store(with_q, *tr, tp)
+        zeros = learner.store(zeros, *tr, None)
+        oracle = q.replay_add(oracle, 0, *tr, np.asarray(student.apply(tp, tr[0])))
+        none = learner.store(none, *tr, None)
+    np.testing.assert_allclose(np.asarray(with_q.teacher_q), np.asarray(oracle.teacher_q), rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(with_q.teacher_q)).sum() > 0 and not np.asarray(zeros.teacher_q).any()
+    for a, b in zip(jax.tree.leaves(with_q._replace(teacher_q=0)), jax.tree.leaves(none._replace(teacher_q=0))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert none.teacher_q.shape == (32, 0)

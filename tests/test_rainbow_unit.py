@@ -505,9 +505,9 @@ def test_fused_offline_and_online_steps_equal_the_host_paths_and_rehearsal_witho
     a_key = b_key = jax.random.PRNGKey(9)
     for t in range(6):
         tr = (rng.integers(0, 256, (2, 4, 84, 84), np.uint8), rng.integers(0, A, 2).astype(np.int32), rng.uniform(-1, 1, 2).astype(np.float32),
-              np.array([False, t == 3]), np.array([False, False]), rng.integers(0, 256, (2, 4, 84, 84), np.uint8), None)
-        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, None, a_key, *tr, c, t == 2, n_updates=2)
-        b_state, b_rb, b_key, _ = qr.learn_on_host_replay(learner, b_state, b_rb, None, b_key, tr, 2, c, jax.devices()[0], args.per_alpha)
+              np.array([False, t == 3]), np.array([False, False]), rng.integers(0, 256, (2, 4, 84, 84), np.uint8))
+        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, None, a_key, *tr, None, c, t == 2, n_updates=2)  # no teacher params: 0 columns
+        b_state, b_rb, b_key, _ = qr.learn_on_host_replay(learner, b_state, b_rb, None, b_key, (*tr, None), 2, c, jax.devices()[0], args.per_alpha)
         if t == 2:
             b_state = learner.sync(b_state)
             synced = jax.tree.map(np.asarray, b_state.params)
