@@ -18,8 +18,9 @@ import teacher_utils as tu
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "qdagger_dqn_atari_jax.py"
-# Small but long enough to be killed in each phase; a checkpoint every 16 agent steps (and 16 offline updates).
-FLAGS = ["--num-envs", "2", "--eval-steps", "100", "--max-episode-steps", "100", "--eval-num-envs", "2", "--teacher-steps", "384",
+# Small but long enough to be killed in each phase; a checkpoint every 16 agent steps (and 16 offline updates). Lambda
+# is 0 for good after the evaluation at 256 (the decay period is over): the second half runs the online step without the teacher.
+FLAGS = ["--distill-decay-period", "256", "--num-envs", "2", "--eval-steps", "100", "--max-episode-steps", "100", "--eval-num-envs", "2", "--teacher-steps", "384",
          "--offline-steps", "48", "--updates-per-call", "2", "--offline-eval-frequency", "24", "--total-timesteps", "512",
          "--learning-starts", "128", "--buffer-size", "1024", "--batch-size", "8", "--eval-frequency", "256", "--log-frequency", "8",
          "--checkpoint-frequency", "16", "--keep-checkpoints", "2", "--save-model"]
@@ -100,7 +101,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, fixture_copy, uninterrupted,
     assert "(resumed from ckpt-" in out and f"phase {phase})" in out
     # The restored keys and, online, the restored pending step sit where the live loop keeps them: no second compilation.
     assert "jit(online_step)" in compile_log.compiled_names(err) and not compile_log.hot_recompiled(err)
-    assert final_line(out) == final_line(out_whole)
+    assert final_line(out) == final_line(out_whole) and final_line(out).startswith("final: lambda 0,")
     assert (run_dir / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes() == (whole / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes()
     resumed, reference = one_value_per_step(run_dir), one_value_per_step(whole)
     for tag in ("offline/loss", "losses/loss", "eval/episodic_return", "charts/learning_rate"):
