@@ -721,10 +721,8 @@ def make_learner(args: Args, student: nn.Module, num_actions: int, teacher_q_fn=
         make a GPU's host wait for the device on every step. A replay caching no teacher Q (0 columns) stores none."""
         q_dim = rb.teacher_q.shape[-1]
         teacher_q = None
-        if q_dim and teacher_params is not None:
-            teacher_q = teacher_q_fn(teacher_params, obs)
-        elif q_dim:
-            teacher_q = jnp.zeros((obs.shape[0], q_dim), jnp.float32)
+        if q_dim:
+            teacher_q = teacher_q_fn(teacher_params, obs) if teacher_params is not None else jnp.zeros((obs.shape[0], q_dim), jnp.float32)
         return replay_add(rb, 0, obs, actions, rewards, terminated, truncated, next_obs, teacher_q)
 
     def online_step(state, rb, trb, key, obs, actions, rewards, terminated, truncated, next_obs, teacher_params, c: Coefs, sync=False,
