@@ -633,3 +633,29 @@ def test_check_args_rejects(changes, flag):
         q.check_args(dataclasses.replace(q.Args(), **changes))
     msg = str(err.value)
     assert flag in msg and "\n" not in msg
+
+
+# ============================================================================
+# 7. GPU launch settings
+# ============================================================================
+CMDBUF = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1"
+
+
+@pytest.mark.parametrize("script", ["qdagger_dqn_atari_jax", "qdagger_rainbow_atari_jax"])
+@pytest.mark.parametrize("user_flags, expected", [
+    (None, CMDBUF),
+    ("--xla_dump_to=/tmp/dump", "--xla_dump_to=/tmp/dump " + CMDBUF),  # the user's flags kept, ours added
+    ("--xla_gpu_enable_command_buffer=", "--xla_gpu_enable_command_buffer="),  # the user's choice (here: none) wins
+])
+def test_importing_a_script_turns_on_command_buffers_unless_the_user_chose(script, user_flags, expected):
+    """XLA_FLAGS as a script leaves them for the backend (read when JAX first starts it, after the import)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | ({"XLA_FLAGS": user_flags} if user_flags is not None else {})
+    code = f"import os, {script}, jax; jax.devices(); print(os.environ['XLA_FLAGS'])"  # the backend accepts them (a bad flag aborts)
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == expected
