@@ -116,6 +116,30 @@ def test_replay_on_host_run_learns_what_the_device_replay_run_learns(e2e_run, tm
         np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-3, err_msg=tag)
 
 
+def test_replay_on_host_after_lambda_reaches_zero_learns_what_the_device_replay_run_learns(tmp_path, fixture_copy):
+    """lambda is 0 for good after the evaluation at 256 (--distill-decay-period 256): from then on the device run's
+    online step has no teacher forward pass and --replay-on-host sends zeros for the teacher's Q, with no teacher call
+    (no loss reads those values then; their shape and type must still fit the replay). Both runs reach lambda 0 and
+    log the same losses at the same steps, those after it included."""
+    flags = ["--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--num-envs", "2", "--epsilon-decay-steps", "50", *TINY,
+             "--distill-decay-period", "256"]
+    events = {}
+    for name, extra in (("device", []), ("host", ["--replay-on-host"])):
+        (tmp_path / name).mkdir()
+        r = run_script(tmp_path / name, *flags, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "final: lambda 0," in r.stdout, r.stdout[-2000:]
+        (run_dir,) = (tmp_path / name / "runs").iterdir()
+        events[name] = read_events(run_dir)
+    after = [v for s, v in scalars(events["host"], "charts/distill_coeff") if s >= 256]
+    assert after and set(after) == {0.0}, after
+    for tag in ("losses/loss", "losses/td_loss", "losses/distill_loss"):
+        want, got = scalars(events["device"], tag), scalars(events["host"], tag)
+        assert [s for s, _ in got] == [s for s, _ in want] and sum(s > 256 for s, _ in want) >= 4, tag
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-3, err_msg=tag)
+    assert all(v == 0.0 for s, v in scalars(events["host"], "losses/distill_loss") if s > 256)  # a term of weight 0 logs 0
+
+
 def test_saved_model_reloads_with_the_same_q_values(e2e_run):
     _, run_dir = e2e_run
     args = json.loads((run_dir / "args.json").read_text())
