@@ -1,5 +1,6 @@
 """Unit tests of qdagger_dqn_atari_jax.py: the QDagger loss, n-step targets,
-schedules, the frame replay buffer, the networks and the flag checks.
+schedules, the frame replay buffer, the networks, the flag checks and the GPU
+launch flags a script sets at import.
 
 Expected values are computed here by hand / with plain numpy, independently of
 the script's code. The replay tests drive the device replay (through
