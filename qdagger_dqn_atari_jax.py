@@ -31,6 +31,7 @@ import functools
 import io
 import json
 import os
+import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +85,10 @@ class Args:
     """whether to save an mp4 of the final evaluation's first episode (what the agent sees) to `runs/{run_name}/videos`"""
     save_model: bool = False
     """whether to save the student's params (flax msgpack) and a Q-value probe to `runs/{run_name}`"""
+    upload_model: bool = False
+    """whether to upload the saved model, its args.json, Q probe and final evaluation, the TensorBoard logs, the video (with --capture-video), the code and a model card to the Hugging Face Hub repo {hf_entity}/{env_id}-{exp_name}-{method}-seed{seed} when the run ends, where `--teacher-checkpoint hf://{repo}/{exp_name}.cleanrl_model` loads it (CleanRL's --upload-model; needs --save-model and `hf auth login`; the login is checked before the run starts)"""
+    hf_entity: str = ""
+    """the Hub user or organization of --upload-model's repo (default: the logged-in user)"""
     run_name: str | None = None
     """the run folder's name under runs/ (default {env_id}__{exp_name}__{method}__{seed}__{start time}-{random suffix}); with --resume, the run to continue (its name or its folder)"""
     resume: bool = False
@@ -229,6 +234,8 @@ class ConfigError(ValueError):
 
 
 def check_args(args: Args) -> None:
+    if args.upload_model and not args.save_model:
+        raise ConfigError("--upload-model uploads the saved model: add --save-model")
     positive = ["num_envs", "eval_num_envs", "max_episode_steps", "total_timesteps", "buffer_size", "batch_size", "n_step",
                 "target_network_frequency", "train_frequency", "eval_frequency", "eval_steps", "log_frequency",
                 "epsilon_decay_steps"]
@@ -928,7 +935,7 @@ METHODS: dict[str, dict] = {
 }
 
 # Flags that do not change what is learned: a resumed run may change them; every other flag must match.
-RUNTIME_FLAGS = {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "run_name", "resume",
+RUNTIME_FLAGS = {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "upload_model", "hf_entity", "run_name", "resume",
                  "checkpoint_frequency", "checkpoint_minutes", "keep_checkpoints", "log_frequency", "updates_per_call", "replay_on_host"}
 
 
@@ -988,6 +995,8 @@ def main(args: Args) -> None:
     game = tu.game_from_env_id(args.env_id)
     random_return = tu.random_score(game)
     tu.check_wandb(args.track)
+    # Before the run, so that a missing or refused Hub login is told now and not after it.
+    hub_repo = f"{tu.check_hub_login(args.hf_entity)}/{tu.hub_repo_name(dataclasses.asdict(args))}" if args.upload_model else None
     uses_teacher = args.method != "tabula-rasa"
     jsrl = args.method == "jsrl"
     offline = uses_teacher and args.offline_steps > 0
@@ -1019,6 +1028,8 @@ def main(args: Args) -> None:
     phase = meta.get("phase", "teacher_eval")
     if phase == "done":
         print(f"{run_dir} finished already; nothing to resume")
+        if hub_repo:
+            print(f"model uploaded to {tu.upload_hf(run_dir, hub_repo)}")
         return
 
     compute_device = jax.devices()[0]
@@ -1538,6 +1549,8 @@ def main(args: Args) -> None:
                 return {**replay_arrays("rb", rb), "action_log": action_log[: global_step // args.num_envs], "obs": obs,
                         "ep_ret": ep_ret, "ep_len": ep_len, "resetting": resetting, "ep_t": ep_t, "roll_in": roll_in, **unapplied}
 
+            final_eval = {}  # the final evaluation, saved with the model (final_eval.json) and shown on its Hub card
+
             def online_eval(final: bool) -> float:
                 """Evaluate the student; after an iteration (not the final one) update lambda, lr and JSRL's roll-in. Returns its seconds."""
                 nonlocal lam, lr, max_roll_in, student_return
@@ -1546,6 +1559,12 @@ def main(args: Args) -> None:
                 returns, _, steps = evaluate_student(state.params, "student eval", 30_000 + global_step // args.eval_frequency, frames=frames)
                 stop("final" if final else "online", online_progress())  # an interrupted evaluation runs again after a resume
                 student_return = float(np.mean(returns)) if returns else None
+                if final and returns:
+                    final_eval.update(returns=[float(r) for r in returns], mean=student_return, std=float(np.std(returns)), agent_steps=global_step,
+                                      teacher_return=None if teacher_return is None else float(teacher_return),
+                                      teacher_normalized_score=teacher_normalized(student_return),
+                                      human_normalized_score=tu.human_normalized_score(game, student_return),
+                                      command=shlex.join(["python", os.path.basename(sys.argv[0]), *sys.argv[1:]]))
                 line = summary(f"online step {global_step}: student", returns, steps)
                 if student_return is not None:
                     writer.add_scalar("eval/episodic_return", student_return, global_step)
@@ -1685,6 +1704,8 @@ def main(args: Args) -> None:
                 probe = io.BytesIO()
                 np.savez(probe, obs=probe_obs, q=np.asarray(student.apply(state.params, probe_obs)))
                 save_atomic(str(run_dir / "q_probe.npz"), probe.getvalue())
+                if final_eval:
+                    save_atomic(str(run_dir / "final_eval.json"), json.dumps(final_eval, indent=2).encode())
                 print(f"model saved to {model_path}")
             checkpoint("done", force=ckpt_dir.is_dir())  # with checkpoints off, only after an interrupted and resumed run
     except Interrupted:
@@ -1698,6 +1719,8 @@ def main(args: Args) -> None:
         tu.unlock_run_folder(run_dir)
         if args.track:
             wandb.finish()
+    if hub_repo:  # the run is complete and its folder unlocked: a failed upload costs nothing of it
+        print(f"model uploaded to {tu.upload_hf(run_dir, hub_repo)}")
 
 
 if __name__ == "__main__":

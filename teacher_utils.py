@@ -28,7 +28,9 @@ Public API
   ``OutOfGraphReplayBuffer`` files), streamed into one frame array, with
   Dopamine's valid indices and n-step transitions (:class:`DopamineReplay`).
 - :func:`make_teacher_envs` -- envpool Atari on Dopamine's protocol.
-- ``python teacher_utils.py download Breakout`` / ``inspect PATH``.
+- :func:`upload_hf` / :func:`check_hub_login` -- share a finished student on
+  the Hub (``--upload-model``), where ``hf://`` loads it as a teacher.
+- ``python teacher_utils.py download Breakout`` / ``inspect PATH`` / ``upload runs/<run_name>``.
 
 Every error a user can cause is a :class:`TeacherError` with a one-line message
 that names the problem and the fix.
@@ -54,6 +56,7 @@ import pickle
 import re
 import struct
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -87,6 +90,10 @@ __all__ = [
     "download_teacher",
     "download_gs",
     "download_hf",
+    "HubError",
+    "hub_repo_name",
+    "check_hub_login",
+    "upload_hf",
     "DopamineReplay",
     "load_dopamine_replay",
     "list_bucket",
@@ -1170,13 +1177,25 @@ def download_hf(address: str, cache_dir: str | os.PathLike | None = None, *, bas
         from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
     except ImportError:
         raise TeacherError(f"{address} needs huggingface_hub: pip install huggingface_hub") from None
-    kwargs: dict[str, Any] = {"revision": revision}
+    kwargs: dict[str, Any] = {}
     if cache_dir is not None:
         kwargs["cache_dir"] = str(Path(cache_dir).expanduser())
     if base_url is not None:
         kwargs["endpoint"] = base_url.rstrip("/")
     try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, **kwargs))
+        model = Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision, **kwargs))
+        if filename.endswith(MODEL_SUFFIX):
+            # A student uploaded by --upload-model has its run's args.json (the flags that rebuild its network) and
+            # Q probe beside it; fetched from the same commit, they land beside the model in the cache's snapshot.
+            parts = model.parts
+            commit = parts[len(parts) - 1 - parts[::-1].index("snapshots") + 1] if "snapshots" in parts else revision
+            folder = filename.rpartition("/")[0]
+            for extra in ("args.json", "q_probe.npz"):
+                try:
+                    hf_hub_download(repo_id=repo_id, filename=f"{folder}/{extra}" if folder else extra, revision=commit, **kwargs)
+                except EntryNotFoundError:  # a CleanRL model, or ours without a probe: the loader says what it lacks
+                    pass
+        return model
     except LocalEntryNotFoundError:  # before EntryNotFoundError: it is one
         raise DownloadError(f"{address}: the Hub cannot be reached and the file is not in the Hugging Face cache; connect (unset HF_HUB_OFFLINE) "
                             f"and run again, or download the file and pass its local path") from None
@@ -1191,6 +1210,164 @@ def download_hf(address: str, cache_dir: str | os.PathLike | None = None, *, bas
         raise DownloadError(f"{address}: the Hub answered {_one_line(e)}; try again later") from None
     except (OSError, ValueError) as e:
         raise DownloadError(f"{address}: download failed ({type(e).__name__}: {_one_line(e)})") from None
+
+
+# ----------------------------------------------------------------------------
+# Sharing a student on the Hub: --upload-model, `python teacher_utils.py upload`
+# ----------------------------------------------------------------------------
+class HubError(TeacherError):
+    """The Hub could not be reached, or refused a login check or an upload; the message is one line."""
+
+
+def hub_repo_name(run_args: Mapping) -> str:
+    """The Hub repo name of a run: CleanRL's ``{env_id}-{exp_name}-seed{seed}`` with the method added, so that the
+    paper's comparisons on one game and seed do not overwrite each other."""
+    return f"{run_args['env_id']}-{run_args['exp_name']}-{run_args.get('method', 'qdagger')}-seed{run_args['seed']}"
+
+
+def _hub_api() -> Any:
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise HubError("uploading to the Hub needs huggingface_hub: pip install huggingface_hub") from None
+    return HfApi()
+
+
+def _hub_failure(e: Exception, doing: str, retry: str) -> HubError:
+    """One line for an exception of huggingface_hub or of its HTTP client while ``doing``; ``retry`` says how to go on."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    status = getattr(getattr(e, "response", None), "status_code", None) if isinstance(e, HfHubHTTPError) else None
+    if status == 401:
+        return HubError(f"{doing}: the Hub refused the Hugging Face token (HTTP 401: invalid or expired); log in again with `hf auth login` "
+                        f"(or set HF_TOKEN), then {retry}")
+    if status == 403:
+        return HubError(f"{doing}: the token may not write there (HTTP 403); use a token with write access, or pass --hf-entity "
+                        f"with a namespace you can write to, then {retry}")
+    if status is not None:
+        return HubError(f"{doing}: the Hub answered HTTP {status} ({_one_line(e)}); {retry}")
+    if isinstance(e, OSError) or any(w in type(e).__name__ for w in ("Connect", "Timeout", "Network")):
+        return HubError(f"{doing}: the Hub cannot be reached ({type(e).__name__}: {_one_line(e)}); check the network (HF_ENDPOINT), then {retry}")
+    cause = e.__cause__ or e.__context__  # huggingface_hub wraps a failed file transfer in a RuntimeError
+    detail = f"{_one_line(e)}" + (f" <- {type(cause).__name__}: {_one_line(cause)}" if cause is not None else "")
+    return HubError(f"{doing} failed ({type(e).__name__}: {detail}); {retry}")
+
+
+def check_hub_login(entity: str = "") -> str:
+    """The Hub namespace an upload will go to: ``entity``, else the logged-in user.  Run before a training run
+    starts, so that a missing or refused login is told then rather than after the run: a token must be configured
+    (``hf auth login`` or HF_TOKEN), the Hub must accept it, and ``entity`` must be the user or one of its orgs."""
+    api = _hub_api()
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise HubError("--upload-model needs a Hugging Face login: run `hf auth login` (or set HF_TOKEN), or drop --upload-model")
+    retry = "run again, or drop --upload-model and upload the finished run with `python teacher_utils.py upload runs/<run_name>`"
+    try:
+        me = api.whoami()
+    except Exception as e:  # noqa: BLE001 - huggingface_hub and its HTTP client raise many kinds; the user needs one line
+        raise _hub_failure(e, "checking the Hugging Face login", retry) from None
+    namespaces = [me["name"], *(o["name"] for o in me.get("orgs", []) if isinstance(o, Mapping) and "name" in o)]
+    if entity and entity not in namespaces:
+        raise HubError(f"--hf-entity {entity}: the logged-in user {me['name']} can upload to {', '.join(namespaces)} only; "
+                       f"pass one of those, or log in as a member of {entity}")
+    return entity or me["name"]
+
+
+def _model_card(run_args: Mapping, final: Mapping | None, repo_id: str, model_name: str, script: str) -> str:
+    """README.md of an uploaded student: the Hub's metadata (tags, the final evaluation as model-index) and how to
+    use it as a teacher, watch it and train it again."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    env_id, method, seed = run_args["env_id"], run_args.get("method", "qdagger"), run_args["seed"]
+    algo = "Rainbow" if script == "qdagger_rainbow_atari_jax" else "DQN"
+    title = f"{method} {algo} student on {env_id}"
+    results = []
+    if final and final.get("returns"):
+        results = [EvalResult(task_type="reinforcement-learning", task_name="reinforcement-learning", dataset_type=env_id,
+                              dataset_name=env_id, metric_type="mean_reward", metric_name="mean_reward",
+                              metric_value=f"{final['mean']:.2f} +/- {final['std']:.2f}")]
+    data = ModelCardData(library_name="reincarnate", tags=[env_id, "reinforcement-learning", "deep-reinforcement-learning",
+                                                           "reincarnating-rl", method, "custom-implementation"],
+                         model_name=title if results else None, eval_results=results or None)
+    teacher = f"`{run_args['teacher_checkpoint']}`" if run_args.get("teacher_checkpoint") else f"`gs://rl_checkpoints/DQN_400/{game_from_env_id(env_id)}/1` (the default)"
+    lines = [f"# {title}", "",
+             f"A {algo} agent (`{run_args.get('network', 'nature')}` network) trained on `{env_id}` by `{script}.py` of reincarnate, "
+             f"Reincarnating RL (Agarwal et al., NeurIPS 2022): method `{method}`, seed {seed}"
+             + ("" if method == "tabula-rasa" else f", teacher {teacher}") + ".", ""]
+    if final and final.get("returns"):
+        lines += ["| final evaluation | |", "|---|---|",
+                  f"| episodes | {len(final['returns'])} |",
+                  f"| mean return | {final['mean']:.2f} ± {final['std']:.2f} |"]
+        for key, label in (("teacher_normalized_score", "teacher-normalized score"), ("human_normalized_score", "human-normalized score"),
+                           ("agent_steps", "online agent steps")):
+            if final.get(key) is not None:
+                value = final[key]
+                lines.append(f"| {label} | {value:.3f} |" if isinstance(value, float) else f"| {label} | {value} |")
+        lines.append("")
+    address = f"hf://{repo_id}/{model_name}"
+    lines += ["## Use it", "", "As the teacher of a new student:", "", "```bash",
+              f"python {script}.py --env-id {env_id} --teacher-checkpoint {address}", "```", "",
+              "Watch and score it (Dopamine's evaluation protocol; `--capture-video` films its first episode):", "", "```bash",
+              f"python reincarnate_utils/enjoy.py {address} --env-id {env_id}", "```", "",
+              "The files: the params (flax msgpack), `args.json` (every flag of the run: the network is rebuilt from it), "
+              "`q_probe.npz` (Q-values of a few states, checked at every load), `final_eval.json`, the TensorBoard logs, "
+              "the code that trained it, and the final evaluation's video when it was filmed.", "",
+              "## Train it again", "", "```bash", (final or {}).get("command") or f"python {script}.py --env-id {env_id} --seed {seed}", "```", "",
+              "| flag | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in run_args.items()]
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+
+
+def upload_hf(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False) -> str:
+    """Upload a finished run of our scripts saved with ``--save-model`` to the Hub model repo ``repo_id`` (created if
+    missing) in one commit, and return the repo's URL.
+
+    The model is loaded first as a teacher would be (its network rebuilt from ``args.json``, its ``q_probe.npz``
+    reproduced), so a broken model is never uploaded.  The commit holds the model, ``args.json``,
+    ``q_probe.npz``, ``final_eval.json``, the TensorBoard event files, ``videos/final-eval.mp4`` (also as
+    ``replay.mp4``, the video the Hub's model page plays), the script that trained it with ``teacher_utils.py`` and
+    ``pyproject.toml``, and a model card.  A commit is all or nothing on the Hub: an upload that fails changes nothing.
+    """
+    run = Path(run_dir)
+    if not (run / "args.json").is_file():
+        raise HubError(f"{run} is not a run folder of the scripts (no args.json); pass runs/<run_name> of a run saved with --save-model")
+    source = _flax_model_source(run)  # refuses an interrupted run and a folder without the model
+    assert source is not None and source[1] is not None
+    model, run_args = source
+    load_teacher(run)  # raises if the params do not rebuild or do not reproduce the run's Q probe
+    module = _student_script(run_args, str(run))
+    script = module.__name__
+    files: dict[str, Path] = {model.name: model, "args.json": run / "args.json"}
+    for name in ("q_probe.npz", "final_eval.json"):
+        if (run / name).is_file():
+            files[name] = run / name
+    files.update({f.name: f for f in sorted(run.glob("events.out.tfevents.*")) if f.is_file()})
+    video = run / "videos" / "final-eval.mp4"
+    if video.is_file():
+        files["videos/final-eval.mp4"] = files["replay.mp4"] = video
+    here = Path(__file__).resolve().parent
+    for code in (Path(module.__file__).resolve(), here / "teacher_utils.py", here / "pyproject.toml"):
+        if code.is_file():
+            files[code.name] = code
+    final = json.loads((run / "final_eval.json").read_text()) if "final_eval.json" in files else None
+    retry = f"upload again with `python teacher_utils.py upload {run}`"
+    api = _hub_api()
+    from huggingface_hub import CommitOperationAdd
+
+    with tempfile.TemporaryDirectory() as tmp:  # the card as a file: in-memory bytes would turn off the Hub's Xet uploads
+        card = Path(tmp) / "README.md"
+        card.write_text(_model_card(run_args, final, repo_id, model.name, script))
+        files["README.md"] = card
+        try:
+            url = api.create_repo(repo_id, private=private, exist_ok=True)
+            api.create_commit(url.repo_id, [CommitOperationAdd(path_in_repo=k, path_or_fileobj=str(v)) for k, v in files.items()],
+                              commit_message=f"{script} {run_args.get('method', 'qdagger')} seed {run_args['seed']}: run {run.name}")
+        except KeyboardInterrupt:
+            raise HubError(f"uploading {run} to the Hub repo {repo_id} was interrupted; {retry} (the run is intact; nothing was committed)") from None
+        except Exception as e:  # noqa: BLE001 - huggingface_hub and its HTTP client raise many kinds; the user needs one line
+            raise _hub_failure(e, f"uploading {run} to the Hub repo {repo_id}", f"{retry} (the run is intact; nothing was committed)") from None
+    return str(url)
 
 
 # ----------------------------------------------------------------------------
@@ -2456,6 +2633,31 @@ class Inspect:
     """Iteration to inspect; default: the latest complete one."""
 
 
+@dataclasses.dataclass
+class Upload:
+    """Upload a finished run saved with --save-model to the Hugging Face Hub (what --upload-model does at a run's end)."""
+
+    run: tyro.conf.Positional[str]
+    """The run folder (runs/<run_name>/)."""
+    hf_entity: str = ""
+    """The Hub user or organization to upload to; default the logged-in user."""
+    repo_id: str | None = None
+    """The whole repo id (owner/name) instead; default {hf_entity}/{env_id}-{exp_name}-{method}-seed{seed}."""
+    private: bool = False
+    """Create the repo private (an existing repo keeps its visibility)."""
+
+
+def _cli_upload(cmd: Upload) -> None:
+    run = Path(cmd.run)
+    if not (run / "args.json").is_file() and (Path("runs") / cmd.run / "args.json").is_file():
+        run = Path("runs") / cmd.run
+    if not (run / "args.json").is_file():
+        raise HubError(f"{cmd.run} is not a run folder of the scripts (no args.json); pass runs/<run_name> of a run saved with --save-model")
+    namespace = check_hub_login(cmd.hf_entity)  # the token, before the model is loaded and hashed
+    repo_id = cmd.repo_id or f"{namespace}/{hub_repo_name(_read_run_args(run))}"
+    print(f"uploaded {run} to {upload_hf(run, repo_id, private=cmd.private)}")
+
+
 def _cli_download(cmd: Download) -> None:
     path = download_teacher(cmd.game, cmd.run, cmd.iteration, cmd.cache_dir, base_url=cmd.base_url, include_replay=cmd.include_replay, agent=cmd.agent)
     t = load_teacher(path)
@@ -2484,9 +2686,9 @@ def _cli_inspect(cmd: Inspect) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cmd = tyro.extras.subcommand_cli_from_dict({"download": Download, "inspect": Inspect}, args=argv)  # type: ignore[arg-type]
+    cmd = tyro.extras.subcommand_cli_from_dict({"download": Download, "inspect": Inspect, "upload": Upload}, args=argv)  # type: ignore[arg-type]
     try:
-        (_cli_download if isinstance(cmd, Download) else _cli_inspect)(cmd)
+        {Download: _cli_download, Inspect: _cli_inspect, Upload: _cli_upload}[type(cmd)](cmd)
     except TeacherError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

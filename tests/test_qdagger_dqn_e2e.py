@@ -17,11 +17,13 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import compile_log
+from hub_emulator import HubEmulator, client_env
 import qdagger_dqn_atari_jax as q
 import teacher_utils as tu
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "qdagger_dqn_atari_jax.py"
+HUB_TOKEN = "hf_emulator_token"
 # Episodes capped at 100 steps so every evaluation finishes episodes quickly (the fixture teacher never FIREs).
 TINY = ["--eval-steps", "200", "--max-episode-steps", "100", "--teacher-steps", "256", "--offline-steps", "64",
         "--updates-per-call", "1", "--offline-eval-frequency", "32", "--total-timesteps", "512", "--learning-starts", "128",
@@ -43,11 +45,18 @@ def scalars(acc, tag):
 
 
 @pytest.fixture(scope="module")
-def e2e_run(tmp_path_factory, fixture_copy):
+def e2e_hub():
+    """The Hugging Face Hub the e2e run uploads its model to (tests/hub_emulator.py: the Hub's upload protocol)."""
+    with HubEmulator({}, token=HUB_TOKEN, user="me") as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory, fixture_copy, e2e_hub):
     cwd = tmp_path_factory.mktemp("dqn_e2e")
     # epsilon decays over 50 training steps, fewer than the 64 offline updates that count toward it (as 50k < 1M in the paper)
-    r = run_script(cwd, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--num-envs", "2", "--save-model", "--epsilon-decay-steps", "50", *TINY,
-                   env={**os.environ, "JAX_LOG_COMPILES": "1"})
+    r = run_script(cwd, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--num-envs", "2", "--save-model", "--upload-model",
+                   "--epsilon-decay-steps", "50", *TINY, env={**client_env(cwd, e2e_hub.endpoint, HUB_TOKEN), "JAX_LOG_COMPILES": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     (run_dir,) = (cwd / "runs").iterdir()
     return r, run_dir
@@ -152,6 +161,39 @@ def test_saved_model_reloads_with_the_same_q_values(e2e_run):
     # It is the trained student, not the initialisation.
     assert not np.allclose(params["params"]["Dense_1"]["kernel"], template["params"]["Dense_1"]["kernel"])
     assert not list(run_dir.glob("*.tmp"))
+
+
+def test_the_finished_run_uploads_its_model_logs_and_card(e2e_run, e2e_hub):
+    r, run_dir = e2e_run
+    repo = "me/Breakout-v5-qdagger_dqn_atari_jax-qdagger-seed1"
+    assert f"model uploaded to {e2e_hub.endpoint}/{repo}" in r.stdout
+    files = e2e_hub.repos[repo]
+    (events,) = run_dir.glob("events.out.tfevents.*")
+    for name in ("qdagger_dqn_atari_jax.cleanrl_model", "args.json", "q_probe.npz", "final_eval.json", events.name):
+        assert files[name] == (run_dir / name).read_bytes(), name
+    assert files["qdagger_dqn_atari_jax.py"] == SCRIPT.read_bytes()
+    # final_eval.json is the final evaluation the log shows: its mean at the last step, over the episodes it played.
+    final = json.loads(files["final_eval.json"])
+    acc = read_events(run_dir)
+    last_step, last_mean = scalars(acc, "eval/episodic_return")[-1]
+    assert final["agent_steps"] == last_step == 512 and final["mean"] == pytest.approx(last_mean)
+    assert final["mean"] == pytest.approx(np.mean(final["returns"])) and final["std"] == pytest.approx(np.std(final["returns"]))
+    assert final["teacher_return"] == pytest.approx(scalars(acc, "teacher/mean_return")[-1][1])
+    assert "--upload-model" in final["command"] and final["command"].startswith("python qdagger_dqn_atari_jax.py ")
+    card = files["README.md"].decode()
+    assert f"value: {final['mean']:.2f} +/- {final['std']:.2f}" in card and f"hf://{repo}/qdagger_dqn_atari_jax.cleanrl_model" in card
+
+
+def test_upload_model_checks_its_flags_and_the_login_before_the_run(tmp_path, fixture_copy):
+    base = ["--teacher-checkpoint", str(fixture_copy("teacher_tf")), *TINY]
+    with HubEmulator({}, token=HUB_TOKEN, user="me") as hub:
+        for flags, token, message in ((["--upload-model"], HUB_TOKEN, "--upload-model uploads the saved model: add --save-model"),
+                                      (["--save-model", "--upload-model"], None, "--upload-model needs a Hugging Face login"),
+                                      (["--save-model", "--upload-model"], "hf_wrong", "refused the Hugging Face token (HTTP 401")):
+            r = run_script(tmp_path, *base, *flags, env=client_env(tmp_path, hub.endpoint, token), timeout=120)
+            lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error: ")]
+            assert r.returncode == 1 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
+            assert not (tmp_path / "runs").exists()  # told before the run folder exists
 
 
 def test_dopamine_replay_as_teacher_data(tmp_path, teacher_with_replay):

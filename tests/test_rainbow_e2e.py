@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import compile_log
+from hub_emulator import HubEmulator, client_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "qdagger_rainbow_atari_jax.py"
@@ -21,9 +22,9 @@ TINY = ["--eval-steps", "200", "--max-episode-steps", "100", "--eval-num-envs", 
 OFFLINE_STEPS, TOTAL, LEARNING_STARTS, LOG_FREQ, TRAIN_FREQ = 32, 512, 128, 8, 4
 
 
-def run_script(tmp_path: Path, teacher: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+def run_script(tmp_path: Path, teacher: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, Path]:
     cmd = [sys.executable, str(SCRIPT), "--env-id", "Breakout-v5", "--teacher-checkpoint", str(teacher), *TINY, *extra]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_LOG_COMPILES": "1"})
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**(env or os.environ), "JAX_LOG_COMPILES": "1"})
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
@@ -42,18 +43,20 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def test_end_to_end(tmp_path, fixture_copy, teacher_with_replay, network, variant):
     extra = ["--network", network]
     full = variant == "dueling-double-noisy"
-    save = full and network == "impala"  # one run also saves and reloads the model
+    save = full and network == "impala"  # one run also saves, reloads and uploads the model (to the Hub emulator)
     dopamine = network == "nature" and not full  # the official main setting: the teacher's own Dopamine replay
     host = network == "nature" and full  # one run keeps its buffers in host memory: the same checks hold
     if full:
         extra += ["--dueling", "--double-dqn", "--noisy"]
     if save:
-        extra += ["--save-model"]
+        extra += ["--save-model", "--upload-model", "--hf-entity", "lab"]
     if dopamine:
         extra += ["--teacher-data", "dopamine-replay"]
     if host:
         extra += ["--replay-on-host"]
-    proc, run_dir = run_script(tmp_path, teacher_with_replay if dopamine else fixture_copy("teacher_tf"), *extra)
+    with HubEmulator({}, token="hf_emulator_token", user="me", orgs=("lab",)) as hub:
+        proc, run_dir = run_script(tmp_path, teacher_with_replay if dopamine else fixture_copy("teacher_tf"), *extra,
+                                   env=client_env(tmp_path, hub.endpoint, "hf_emulator_token"))
     out = proc.stdout + proc.stderr
     s = read_scalars(run_dir)
     # Keys and observations sit on the device from the start: no hot path compiles twice for the same shapes.
@@ -107,6 +110,15 @@ def test_end_to_end(tmp_path, fixture_copy, teacher_with_replay, network, varian
 
     if save:
         check_saved_model(run_dir)
+        # final_eval.json is the final evaluation of the log; the upload holds it with the model.
+        final = json.loads((run_dir / "final_eval.json").read_text())
+        assert final["agent_steps"] == 512 and final["mean"] == pytest.approx(s["eval/episodic_return"][-1][1])
+        files = hub.repos["lab/Breakout-v5-qdagger_rainbow_atari_jax-qdagger-seed1"]
+        for name in ("qdagger_rainbow_atari_jax.cleanrl_model", "args.json", "q_probe.npz", "final_eval.json"):
+            assert files[name] == (run_dir / name).read_bytes(), name
+        assert files["qdagger_rainbow_atari_jax.py"] == SCRIPT.read_bytes() and "model uploaded to" in proc.stdout
+    else:
+        assert "upload" not in proc.stdout and not hub.repos
 
 
 def check_saved_model(run_dir: Path):

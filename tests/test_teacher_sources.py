@@ -30,7 +30,7 @@ import pytest
 import qdagger_dqn_atari_jax as dqn
 import qdagger_rainbow_atari_jax as rainbow
 import teacher_utils as tu
-from hub_emulator import HubEmulator
+from hub_emulator import HubEmulator, client_env
 
 ROOT = Path(__file__).resolve().parent.parent
 A = 4  # Breakout's minimal action set
@@ -392,10 +392,7 @@ HF_SCRIPT = textwrap.dedent("""
 
 
 def run_hf(tmp_path: Path, endpoint: str, addresses: list[str], offline: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k not in ("HUGGING_FACE_HUB_TOKEN",)}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_CACHE=str(tmp_path / "hub_cache"),
-               HF_HUB_OFFLINE="1" if offline else "0", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", JAX_PLATFORMS="cpu")
+    env = {**client_env(tmp_path, endpoint), "HF_HUB_OFFLINE": "1" if offline else "0"}
     r = subprocess.run([sys.executable, "-c", HF_SCRIPT, str(tmp_path / "obs.npy"), *addresses], capture_output=True, text=True,
                        timeout=120, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
@@ -431,7 +428,11 @@ def test_hf_download_lands_in_the_hub_cache_and_loads_offline(cleanrl_model, tmp
     lfs_path = f"/{repo}/resolve/main/dqn_atari_jax.cleanrl_model"
     assert ("hub", "HEAD", lfs_path, None) in calls and [c for c in calls if c[0] == "cdn"] == [("cdn", "GET", c[2], None) for c in calls if c[0] == "cdn"]
     assert len([c for c in calls if c[0] == "cdn"]) == 1
-    assert [c[:2] for c in calls if small_repo in c[2]] == [("hub", "HEAD"), ("hub", "HEAD"), ("hub", "GET")]
+    model_calls = [c[:2] for c in calls if c[2].endswith(f"{small_repo}/resolve/main/models/dqn_atari_jax.cleanrl_model") or "resolve-cache" in c[2]]
+    assert model_calls == [("hub", "HEAD"), ("hub", "HEAD"), ("hub", "GET")]
+    # A model of ours would have its run's args.json and Q probe beside it: asked for at the model's commit, absent here.
+    extras = sorted(c[2].rsplit("/", 1)[1] for c in calls if c[0] == "hub" and f"{small_repo}/resolve/{emu.commits[small_repo]}/models/" in c[2])
+    assert extras == ["args.json", "q_probe.npz"]
     for address, words in ((missing, ["missing.cleanrl_model", "404", repo]), (no_repo, ["nobody/nothing"])):
         err = out[address]
         assert err["error"] == "DownloadError" and "\n" not in err["message"] and all(w in err["message"] for w in words), err
@@ -441,6 +442,109 @@ def test_hf_download_lands_in_the_hub_cache_and_loads_offline(cleanrl_model, tmp
     np.testing.assert_allclose(np.asarray(out[lfs_file]["q"]), expected_q, atol=1e-5)
     err = out[f"hf://{repo}/other.cleanrl_model"]
     assert err["error"] == "DownloadError" and "Hugging Face cache" in err["message"] and "\n" not in err["message"]
+
+
+# ----------------------------------------------------------------------------
+# Sharing a student through the Hub emulator: `teacher_utils.py upload`, then hf:// loads it as a teacher
+# ----------------------------------------------------------------------------
+TOKEN = "hf_emulator_token"
+
+
+def upload_cli(tmp_path: Path, endpoint: str, *flags: str, token: str | None = TOKEN) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "teacher_utils.py"), "upload", *flags], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=client_env(tmp_path, endpoint, token))
+
+
+def card_metadata(card: bytes) -> dict:
+    import yaml
+
+    text = card.decode()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_upload_shares_a_student_that_loads_as_a_teacher_through_hf(runs, tmp_path):
+    """The CLI's upload, the Hub's protocol (create, preupload, LFS batch + PUT + verify, NDJSON commit), the files
+    and the card; then hf:// finds args.json beside the model in the same commit and rebuilds the Rainbow student
+    (a network no layer shape alone tells), whose Q is the script's own."""
+    run = runs["rainbow-noisy"]
+    folder = copy_run(run, tmp_path / "noisy")
+    (folder / "events.out.tfevents.1.host").write_bytes(b"tensorboard events" * 100)
+    (folder / "videos").mkdir()
+    (folder / "videos" / "final-eval.mp4").write_bytes(b"mp4 video" * 50)
+    final = {"returns": [1.0, 2.0, 6.0], "mean": 3.0, "std": float(np.std([1.0, 2.0, 6.0])), "agent_steps": 512,
+             "teacher_normalized_score": 0.25, "command": "python qdagger_rainbow_atari_jax.py --seed 1"}
+    (folder / "final_eval.json").write_text(json.dumps(final))
+    repo = "lab/Breakout-v5-my_rainbow_run-qdagger-seed1"  # CleanRL's {env_id}-{exp_name}-seed{seed} with the method
+    with HubEmulator({}, token=TOKEN, user="me", orgs=("lab",)) as emu:
+        r = upload_cli(tmp_path, emu.endpoint, str(folder), "--hf-entity", "lab")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.strip().endswith(f"{emu.endpoint}/{repo}"), r.stdout
+        files = dict(emu.repos[repo])
+        assert [(c[0], len(c[2])) for c in emu.commit_log] == [(repo, len(files) - (".gitattributes" in files))]
+        calls = emu.calls()
+        np.save(tmp_path / "obs.npy", run.obs)
+        loaded = run_hf(tmp_path, emu.endpoint, [f"hf://{repo}/my_rainbow_run.cleanrl_model"], offline=False)
+    expected = {"my_rainbow_run.cleanrl_model": run.model, "args.json": folder / "args.json", "q_probe.npz": folder / "q_probe.npz",
+                "final_eval.json": folder / "final_eval.json", "events.out.tfevents.1.host": folder / "events.out.tfevents.1.host",
+                "videos/final-eval.mp4": folder / "videos" / "final-eval.mp4", "replay.mp4": folder / "videos" / "final-eval.mp4",
+                "qdagger_rainbow_atari_jax.py": ROOT / "qdagger_rainbow_atari_jax.py", "teacher_utils.py": ROOT / "teacher_utils.py",
+                "pyproject.toml": ROOT / "pyproject.toml"}
+    for name, path in expected.items():
+        assert files.get(name) == path.read_bytes(), name
+    assert set(files) - set(expected) <= {"README.md", ".gitattributes"}
+    # The large and binary files went by LFS (batch, PUT to the storage server, verify); the small text ones inline.
+    assert ("hub", "POST", f"/{repo}.git/info/lfs/objects/batch") in [c[:3] for c in calls]
+    assert len([c for c in calls if c[:2] == ("cdn", "PUT")]) >= 3  # the model, the probe, the events file
+
+    meta = card_metadata(files["README.md"])
+    assert {"Breakout-v5", "reinforcement-learning", "reincarnating-rl", "qdagger"} <= set(meta["tags"])
+    (result,) = meta["model-index"][0]["results"]
+    assert result["dataset"]["name"] == "Breakout-v5"
+    assert result["metrics"][0]["type"] == "mean_reward" and result["metrics"][0]["value"] == f"3.00 +/- {final['std']:.2f}"
+    card = files["README.md"].decode()
+    assert f"--teacher-checkpoint hf://{repo}/my_rainbow_run.cleanrl_model" in card and final["command"] in card and "| 0.250 |" in card
+
+    got = loaded[f"hf://{repo}/my_rainbow_run.cleanrl_model"]
+    assert got.get("architecture") == "rainbow-nature-11-noisy", got
+    np.testing.assert_allclose(np.asarray(got["q"]), run.q, rtol=1e-5, atol=1e-5)
+    assert Path(got["path"]).with_name("args.json").read_bytes() == files["args.json"]  # beside the model, same snapshot
+
+
+def test_upload_failures_are_one_line_and_leave_the_repo_unchanged(runs, tmp_path):
+    run = runs["dqn-nature"]
+    repo = "me/Breakout-v5-qdagger_dqn_atari_jax-qdagger-seed1"
+    interrupted = copy_run(run, tmp_path / "interrupted")
+    add_resume_checkpoint(interrupted, 1, "online")
+    broken = copy_run(run, tmp_path / "broken")
+    with open(broken / "q_probe.npz", "wb") as f:
+        np.savez(f, obs=run.obs, q=run.q + 0.5)
+    with HubEmulator({}, token=TOKEN, user="me", orgs=("lab",)) as emu:
+        cases = [
+            ((str(run.folder),), None, "needs a Hugging Face login"),
+            ((str(run.folder),), "hf_wrong", "refused the Hugging Face token (HTTP 401"),
+            ((str(run.folder), "--hf-entity", "other"), TOKEN, "can upload to me, lab only"),
+            ((str(interrupted),), TOKEN, "interrupted in phase online"),
+            ((str(broken),), TOKEN, "does not reproduce"),
+            ((str(tmp_path),), TOKEN, "is not a run folder of the scripts"),
+        ]
+        for flags, token, message in cases:
+            r = upload_cli(tmp_path, emu.endpoint, *flags, token=token)
+            lines = [x for x in r.stderr.strip().splitlines() if x.startswith("error: ")]
+            assert r.returncode == 1 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, (message, r.stderr[-2000:])
+        assert repo not in emu.repos and not emu.commit_log
+
+        r = upload_cli(tmp_path, emu.endpoint, str(run.folder))
+        assert r.returncode == 0, r.stderr[-2000:]
+        before = (dict(emu.repos[repo]), emu.commits[repo])
+        # The storage server drops the next upload: the commit is never made, the repo keeps its files and commit.
+        run_copy = copy_run(run, tmp_path / "again")
+        (run_copy / "events.out.tfevents.2.host").write_bytes(os.urandom(20_000))
+        emu.fail_lfs_puts = 1
+        r = upload_cli(tmp_path, emu.endpoint, str(run_copy))
+        lines = [x for x in r.stderr.strip().splitlines() if x.startswith("error: ")]
+        assert r.returncode == 1 and len(lines) == 1 and "nothing was committed" in lines[0] and f"teacher_utils.py upload {run_copy}" in lines[0], r.stderr[-2000:]
+        assert (dict(emu.repos[repo]), emu.commits[repo]) == before and len(emu.commit_log) == 1
 
 
 # ----------------------------------------------------------------------------
