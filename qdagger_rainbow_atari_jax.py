@@ -87,7 +87,7 @@ class Args:
     wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """whether to save an mp4 of the final evaluation's first episode (what the agent sees) to `runs/{run_name}/videos`"""
+    """whether to save an mp4 of the final evaluation's first episode (what the agent sees) to `runs/{run_name}/videos` (with --track, also to the W&B run's media)"""
     save_model: bool = False
     """whether to save the student's params (flax msgpack) and a Q-value probe to `runs/{run_name}`"""
     upload_model: bool = False
@@ -1848,8 +1848,10 @@ def main(args: Args) -> None:
                 if frames:
                     try:
                         write_video(frames, str(run_dir / "videos" / "final-eval.mp4"))
-                    except Exception as e:  # noqa: BLE001 - a video codec problem must not cost the trained model
-                        print(f"warning: the final evaluation's video could not be written ({type(e).__name__}: {e}); the run goes on", file=sys.stderr)
+                        if args.track:  # in the W&B run's media too, as CleanRL's videos are (monitor_gym)
+                            wandb.log({"videos/final_eval": wandb.Video(str(run_dir / "videos" / "final-eval.mp4"), format="mp4")})
+                    except Exception as e:  # noqa: BLE001 - a video codec or W&B problem must not cost the trained model
+                        print(f"warning: the final evaluation's video could not be written or logged ({type(e).__name__}: {e}); the run goes on", file=sys.stderr)
                 return time.time() - t_eval
 
         if phase == "online":

@@ -255,6 +255,10 @@ def test_impala_student_and_wandb_offline(tmp_path, fixture_copy):
 
     video = imageio.get_reader(run_dir / "videos" / "final-eval.mp4")
     assert video.count_frames() > 10 and video.get_data(0).shape == (168, 168, 3)
+    # ... and the W&B run holds it as media, as CleanRL's --track --capture-video runs do
+    (logged,) = offline_runs[0].glob("files/media/videos/videos/final_eval_*.mp4")
+    assert logged.read_bytes() == (run_dir / "videos" / "final-eval.mp4").read_bytes()
+    assert "could not be written or logged" not in r.stderr
 
 
 @pytest.mark.parametrize(
