@@ -184,6 +184,21 @@ def test_the_finished_run_uploads_its_model_logs_and_card(e2e_run, e2e_hub):
     assert f"value: {final['mean']:.2f} +/- {final['std']:.2f}" in card and f"hf://{repo}/qdagger_dqn_atari_jax.cleanrl_model" in card
 
 
+def test_resuming_a_finished_run_with_upload_model_uploads_it(e2e_run, e2e_hub, fixture_copy):
+    r, run_dir = e2e_run
+    repo = "me/Breakout-v5-qdagger_dqn_atari_jax-qdagger-seed1"
+    asked = len(e2e_hub.calls("hub", "POST"))
+    flags = ["--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--num-envs", "2", "--epsilon-decay-steps", "50", *TINY]
+    again = run_script(run_dir.parent.parent, "--resume", "--run-name", run_dir.name, "--save-model", "--upload-model", *flags,
+                       env=client_env(run_dir.parent.parent, e2e_hub.endpoint, HUB_TOKEN))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "finished already" in again.stdout and "model uploaded to" in again.stdout
+    # The same files again: huggingface_hub's preupload finds every one unchanged and makes no empty commit.
+    posts = [c[2] for c in e2e_hub.calls("hub", "POST")[asked:]]
+    assert f"/api/models/{repo}/preupload/main" in posts and len(e2e_hub.commit_log) == 1
+    assert e2e_hub.repos[repo]["qdagger_dqn_atari_jax.cleanrl_model"] == (run_dir / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes()
+
+
 def test_upload_model_checks_its_flags_and_the_login_before_the_run(tmp_path, fixture_copy):
     base = ["--teacher-checkpoint", str(fixture_copy("teacher_tf")), *TINY]
     with HubEmulator({}, token=HUB_TOKEN, user="me") as hub:
