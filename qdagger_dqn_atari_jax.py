@@ -84,7 +84,7 @@ class Args:
     capture_video: bool = False
     """whether to save an mp4 of the final evaluation's first episode (what the agent sees) to `runs/{run_name}/videos` (with --track, also to the W&B run's media)"""
     save_model: bool = False
-    """whether to save the student's params (flax msgpack) and a Q-value probe to `runs/{run_name}`"""
+    """whether to save the student's params (flax msgpack), a Q-value probe and the final evaluation (final_eval.json) to `runs/{run_name}`"""
     upload_model: bool = False
     """whether to upload the saved model, its args.json, Q probe and final evaluation, the TensorBoard logs, the video (with --capture-video), the code and a model card to the Hugging Face Hub repo {hf_entity}/{env_id}-{exp_name}-{method}-seed{seed} when the run ends, where `--teacher-checkpoint hf://{repo}/{exp_name}.cleanrl_model` loads it (CleanRL's --upload-model; needs --save-model and `hf auth login`; the login is checked before the run starts)"""
     hf_entity: str = ""

@@ -1187,8 +1187,7 @@ def download_hf(address: str, cache_dir: str | os.PathLike | None = None, *, bas
         if filename.endswith(MODEL_SUFFIX):
             # A student uploaded by --upload-model has its run's args.json (the flags that rebuild its network) and
             # Q probe beside it; fetched from the same commit, they land beside the model in the cache's snapshot.
-            parts = model.parts
-            commit = parts[len(parts) - 1 - parts[::-1].index("snapshots") + 1] if "snapshots" in parts else revision
+            commit = model.parents[filename.count("/")].name  # the cache's snapshots/<commit>/<filename>
             folder = filename.rpartition("/")[0]
             for extra in ("args.json", "q_probe.npz"):
                 try:
@@ -1332,9 +1331,7 @@ def upload_hf(run_dir: str | os.PathLike, repo_id: str, *, private: bool = False
     run = Path(run_dir)
     if not (run / "args.json").is_file():
         raise HubError(f"{run} is not a run folder of the scripts (no args.json); pass runs/<run_name> of a run saved with --save-model")
-    source = _flax_model_source(run)  # refuses an interrupted run and a folder without the model
-    assert source is not None and source[1] is not None
-    model, run_args = source
+    model, run_args = _flax_model_source(run)  # type: ignore[misc]  # a folder with args.json: refuses an interrupted run, a missing model
     load_teacher(run)  # raises if the params do not rebuild or do not reproduce the run's Q probe
     module = _student_script(run_args, str(run))
     script = module.__name__

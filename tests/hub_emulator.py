@@ -79,6 +79,7 @@ import fnmatch
 import hashlib
 import http.server
 import json
+import os
 import re
 import socket
 import struct

@@ -534,8 +534,9 @@ def test_upload_failures_are_one_line_and_leave_the_repo_unchanged(runs, tmp_pat
             assert r.returncode == 1 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, (message, r.stderr[-2000:])
         assert repo not in emu.repos and not emu.commit_log
 
-        r = upload_cli(tmp_path, emu.endpoint, str(run.folder))
+        r = upload_cli(tmp_path, emu.endpoint, str(run.folder), "--private")
         assert r.returncode == 0, r.stderr[-2000:]
+        assert emu.private == {repo}
         before = (dict(emu.repos[repo]), emu.commits[repo])
         # The storage server drops the next upload: the commit is never made, the repo keeps its files and commit.
         run_copy = copy_run(run, tmp_path / "again")
@@ -545,6 +546,10 @@ def test_upload_failures_are_one_line_and_leave_the_repo_unchanged(runs, tmp_pat
         lines = [x for x in r.stderr.strip().splitlines() if x.startswith("error: ")]
         assert r.returncode == 1 and len(lines) == 1 and "nothing was committed" in lines[0] and f"teacher_utils.py upload {run_copy}" in lines[0], r.stderr[-2000:]
         assert (dict(emu.repos[repo]), emu.commits[repo]) == before and len(emu.commit_log) == 1
+        # --repo-id names the whole repo; the retry goes through.
+        r = upload_cli(tmp_path, emu.endpoint, str(run_copy), "--repo-id", "lab/my-student")
+        assert r.returncode == 0 and r.stdout.strip().endswith(f"{emu.endpoint}/lab/my-student"), r.stderr[-2000:]
+        assert emu.repos["lab/my-student"]["events.out.tfevents.2.host"] == (run_copy / "events.out.tfevents.2.host").read_bytes()
 
 
 # ----------------------------------------------------------------------------
