@@ -645,6 +645,10 @@ class TeacherCheckpoint:
     env_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Overrides for :func:`make_teacher_envs` that give the teacher the inputs it was trained on: ``{}`` for Dopamine
     teachers, the student's own env flags (``max_episode_steps``) for our students, :data:`CLEANRL_ENV_KWARGS` for CleanRL."""
+    target_params: dict | None = None
+    """The teacher's own target network (same layout as ``params``) where the checkpoint holds one (Dopamine's
+    ``Target/`` variables or ``target_params``), else None: fine-tuning starts its target from it, as the reference's
+    ReloadedDQNAgent.reload_checkpoint does."""
 
     def __post_init__(self) -> None:
         if self.network is None:
@@ -739,28 +743,30 @@ def _resolve_checkpoint(source: Path, iteration: int | None) -> tuple[str, Path,
     )
 
 
-def _tf_online_params(tensors: Mapping[str, np.ndarray]) -> tuple[dict, str]:
+def _tf_online_params(tensors: Mapping[str, np.ndarray], scope: str = "Online") -> tuple[dict, str]:
+    """The params of one network scope of a Dopamine TF checkpoint (``Online`` or ``Target``), and its naming."""
     naming = None
     for w, b, label in (("weights", "biases", "tf-weights/biases"), ("kernel", "bias", "tf-kernel/bias")):
-        if f"Online/Conv/{w}" in tensors:
+        if f"{scope}/Conv/{w}" in tensors:
             naming = (w, b, label)
     if naming is None:
-        raise CheckpointError("the TF checkpoint has no Online/Conv/weights or Online/Conv/kernel: it is not a Dopamine DQN checkpoint")
+        raise CheckpointError(f"the TF checkpoint has no {scope}/Conv/weights or {scope}/Conv/kernel: it is not a Dopamine DQN checkpoint")
     w, b, label = naming
     params = {}
     for tf_name, flax_name in _TF_TO_FLAX.items():
         try:
-            params[flax_name] = {"kernel": tensors[f"Online/{tf_name}/{w}"], "bias": tensors[f"Online/{tf_name}/{b}"]}
+            params[flax_name] = {"kernel": tensors[f"{scope}/{tf_name}/{w}"], "bias": tensors[f"{scope}/{tf_name}/{b}"]}
         except KeyError as e:
             raise CheckpointError(f"the TF checkpoint lacks {e.args[0]}: it is not a Dopamine Nature DQN checkpoint") from None
     return {"params": params}, label
 
 
-def _jax_online_params(data: Mapping) -> tuple[dict, str]:
-    if "online_params" not in data:
+def _jax_online_params(data: Mapping, key: str = "online_params") -> tuple[dict, str]:
+    """The params under ``key`` (``online_params`` or ``target_params``) of a Dopamine JAX checkpoint, and their naming."""
+    if key not in data:
         keys = ", ".join(sorted(map(str, data))) or "none"
-        raise CheckpointError(f"the checkpoint has no 'online_params' (keys: {keys}): it is not a Dopamine JAX DQN checkpoint")
-    online = data["online_params"]
+        raise CheckpointError(f"the checkpoint has no '{key}' (keys: {keys}): it is not a Dopamine JAX DQN checkpoint")
+    online = data[key]
     naming = "linen"
     if isinstance(online, Mapping) and "params" in online:
         online = online["params"]
@@ -768,7 +774,7 @@ def _jax_online_params(data: Mapping) -> tuple[dict, str]:
         naming = "pre-linen"
         online = {_PRE_LINEN_TO_LINEN.get(k, k): v for k, v in online.items()}
     if not isinstance(online, Mapping):
-        raise CheckpointError(f"the checkpoint's online_params is a {type(online).__name__}, not a parameter dict")
+        raise CheckpointError(f"the checkpoint's {key} is a {type(online).__name__}, not a parameter dict")
     return {"params": {k: dict(v) for k, v in online.items()}}, naming
 
 
@@ -836,13 +842,19 @@ def load_teacher(source: str | os.PathLike, num_actions: int | None = None, iter
             raise CheckpointError(f"{where} is a single saved model, not a Dopamine run: iterations do not apply; omit the iteration")
         return _load_flax_model(model_file, run_args, where, num_actions)
     kind, path, it = _resolve_checkpoint(path, iteration)
+    target = None
     if kind == "tf":
         listing = list_tf_checkpoint(path)
-        online = [n for n in listing if n.startswith("Online/") and "/Adam" not in n and "/RMSProp" not in n]
-        params, naming = _tf_online_params(read_tf_checkpoint(path, names=online))
+        weights = [n for n in listing if n.startswith(("Online/", "Target/")) and "/Adam" not in n and "/RMSProp" not in n]
+        tensors = read_tf_checkpoint(path, names=weights)
+        params, naming = _tf_online_params(tensors)
+        if any(n.startswith("Target/") for n in weights):
+            target = _tf_online_params(tensors, "Target")[0]
     else:
         data = load_jax_checkpoint(path)
         params, naming = _jax_online_params(data)
+        if "target_params" in data:
+            target = _jax_online_params(data, "target_params")[0]
         listing = {}
         for layer, leaves in params["params"].items():
             for k, v in leaves.items():
@@ -850,9 +862,13 @@ def load_teacher(source: str | os.PathLike, num_actions: int | None = None, iter
                 listing[f"online_params/{layer}/{k}"] = (a.shape, a.dtype.name)
         if it is None and isinstance(data.get("current_iteration"), (int, np.integer)):
             it = int(data["current_iteration"])
-    params = {"params": {layer: {k: np.asarray(v) for k, v in leaves.items()} for layer, leaves in params["params"].items()}}
+    as_numpy = lambda p: {"params": {layer: {k: np.asarray(v) for k, v in leaves.items()} for layer, leaves in p["params"].items()}}  # noqa: E731
+    params = as_numpy(params)
     _check_shapes(params, str(path), num_actions)
-    return TeacherCheckpoint(path=path, kind=kind, iteration=it, naming=naming, params=params, variables=listing)
+    if target is not None:
+        target = as_numpy(target)
+        _check_shapes(target, f"{path} (target network)", num_actions)
+    return TeacherCheckpoint(path=path, kind=kind, iteration=it, naming=naming, params=params, variables=listing, target_params=target)
 
 
 def load_teacher_params(source: str | os.PathLike, num_actions: int | None = None, iteration: int | None = None, **download_kwargs: Any) -> dict:

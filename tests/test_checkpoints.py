@@ -166,6 +166,31 @@ def test_load_teacher_detects_kind_naming_and_iteration(fixture_copy, name):
     assert shapes == tu.expected_param_shapes(4)
 
 
+@pytest.mark.parametrize("name", sorted(TEACHERS))
+def test_load_teacher_reads_the_target_network_too(fixture_copy, name):
+    """Dopamine's checkpoints hold the target network (TF: Target/..., JAX: target_params), which fine-tuning starts
+    its target from, as ReloadedDQNAgent.reload_checkpoint. The fixtures were saved right after a sync (target ==
+    online); a JAX checkpoint whose target differs shows that the target, not the online network, is read."""
+    t = tu.load_teacher(fixture_copy(name))
+    assert t.target_params is not None
+    jax.tree.map(np.testing.assert_array_equal, t.target_params, t.params)
+
+
+def test_load_teacher_reads_a_target_that_differs_from_the_online_network(fixture_copy, tmp_path):
+    data = tu.load_jax_checkpoint(fixture_copy("teacher_jax_linen") / "checkpoints" / "ckpt.5")
+    del data["optimizer_state"]  # (read back as plain records, which pickle.dumps cannot write as optax's)
+    data["target_params"] = {"params": {layer: {k: np.asarray(v) + 0.5 for k, v in leaves.items()}
+                                        for layer, leaves in data["online_params"]["params"].items()}}
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt.5").write_bytes(pickle.dumps(data))
+    (tmp_path / "checkpoints" / "sentinel_checkpoint_complete.5").write_text("")
+    t = tu.load_teacher(tmp_path)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b + np.float32(0.5)), t.target_params, t.params)
+    del data["target_params"]
+    (tmp_path / "checkpoints" / "ckpt.5").write_bytes(pickle.dumps(data))
+    assert tu.load_teacher(tmp_path).target_params is None  # none held: fine-tuning starts its target from the online weights
+
+
 def test_all_fixtures_hold_the_same_weights(fixture_copy):
     loaded = [tu.load_teacher(fixture_copy(n)).params for n in sorted(TEACHERS)]
     for other in loaded[1:]:
