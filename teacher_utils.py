@@ -1922,9 +1922,19 @@ class DopamineReplay:
     followed, whether the episode terminated there); Dopamine writes 3 zero rows
     before each episode and never stores an episode's last frame.  States are
     built on demand by :meth:`transitions` (stacking the whole buffer would take
-    4x the memory).  :meth:`valid_indices` and :meth:`transitions` reproduce
-    Dopamine 4.0.6's ``is_valid_transition`` and ``sample_transition_batch``
-    for ``update_horizon`` and ``gamma``.
+    4x the memory).  :meth:`valid_indices` are exactly the indices that a
+    Dopamine 4.0.6 agent with ``update_horizon`` n that ``load``-ed these files
+    samples (its ``sample_index_batch``), and :meth:`transitions` are its
+    ``sample_transition_batch`` for n and ``gamma``.  ``load`` keeps the saved
+    ``invalid_range`` (rows ``cursor - h ... cursor + 3`` for the saving
+    agent's horizon h, :attr:`saved_update_horizon`) while every other check
+    uses n, and the sampler never draws rows ``cursor - n ... cursor + 2``: so
+    the rows ``cursor - max(n, h) ... cursor + 3`` are never valid.  When
+    h < n (DQN_400 teachers saved with h = 1, the paper's students use n = 3)
+    the loaded buffer's ``is_valid_transition`` alone would also accept up to
+    n - h rows ``cursor - n ... cursor - h - 1``, whose n-step transitions run
+    past the newest row (their next state would stack row ``cursor``, the
+    oldest); Dopamine's sampler never draws them, and neither do we.
     """
 
     frames: np.ndarray
@@ -1949,6 +1959,11 @@ class DopamineReplay:
     teacher_iteration: int | None = None
     """The teacher's iteration when a run folder was given (the replay_logs
     suffix is ``(teacher_iteration + 1) // 4``), else ``None``."""
+    saved_update_horizon: int | None = None
+    """The saving agent's update horizon h, read off the saved
+    ``invalid_range`` (Dopamine's has h + 4 rows: ``cursor - h ... cursor + 3``);
+    ``None`` when unknown (nothing added yet): then only ``update_horizon``
+    counts."""
 
     @property
     def capacity(self) -> int:
@@ -1966,29 +1981,36 @@ class DopamineReplay:
     def __repr__(self) -> str:
         return (
             f"DopamineReplay(path={str(self.path)!r}, iteration={self.iteration}, capacity={self.capacity}, add_count={self.add_count}, "
-            f"update_horizon={self.update_horizon}, gamma={self.gamma}, valid={int(self.valid_mask().sum())})"
+            f"update_horizon={self.update_horizon}, saved_update_horizon={self.saved_update_horizon}, gamma={self.gamma}, valid={int(self.valid_mask().sum())})"
         )
 
     def valid_mask(self) -> np.ndarray:
-        """bool ``(capacity,)``: the rows Dopamine's ``is_valid_transition`` accepts.
+        """bool ``(capacity,)``: the rows a Dopamine agent with horizon n that
+        loaded these files samples (its ``sample_index_batch``: the indices it
+        draws that its ``is_valid_transition`` accepts).
 
         A row is a valid state index unless (1) its n-step transition or its
-        stack crosses the cursor -- not yet written, or overwritten: the
-        ``n + 4`` rows ``cursor - n ... cursor + 3`` of a full buffer, every row
-        outside ``3 <= i < cursor - n`` of a filling one; (2) one of the 3
-        older frames of its stack ended an episode (terminal); (3) a truncated
-        episode end (an episode end with terminal 0) lies in ``i ... i + n - 1``,
-        whose next state would belong to another episode.  The invalid range is
-        recomputed for this horizon: the saved ``invalid_range`` is the saving
-        agent's.
+        stack crosses the cursor -- not yet written, or overwritten: the rows
+        ``cursor - m ... cursor + 3`` with ``m = max(n, h)``, h the saving
+        agent's horizon (Dopamine's ``load`` keeps the saved ``invalid_range``,
+        ``cursor - h ... cursor + 3``; its sampler never draws
+        ``cursor - n ... cursor + 2``), and for a filling buffer every row
+        outside ``3 <= i < cursor - n`` too; (2) one of the 3 older frames of
+        its stack ended an episode (terminal); (3) a truncated episode end (an
+        episode end with terminal 0) lies in ``i ... i + n - 1``, whose next
+        state would belong to another episode.  With h >= n this is exactly the
+        loaded buffer's ``is_valid_transition``; with h < n that function
+        would also accept rows ``cursor - n ... cursor - h - 1`` (at most
+        n - h rows), which Dopamine's sampler never draws.
         """
         cap, n, c = self.capacity, self.update_horizon, self.cursor
+        m = max(n, self.saved_update_horizon or 0)
         if self.is_full:
             valid = np.ones(cap, dtype=bool)
-            valid[(c - n + np.arange(n + _REPLAY_STACK)) % cap] = False
         else:
             valid = np.zeros(cap, dtype=bool)
             valid[_REPLAY_STACK - 1 : max(c - n, _REPLAY_STACK - 1)] = True
+        valid[(c - m + np.arange(m + _REPLAY_STACK)) % cap] = False
         ended = self.terminals != 0
         for k in range(1, _REPLAY_STACK):  # np.roll(x, k)[i] == x[i - k], wrapping like the buffer
             valid &= ~np.roll(ended, k)
@@ -2063,8 +2085,12 @@ def load_dopamine_replay(
     The frames (7 GB for 1M rows) are streamed from the gzip into one
     preallocated array; peak memory is that array plus a few MB.
     ``update_horizon``/``gamma`` define the transitions (see
-    :class:`DopamineReplay`).  A missing, truncated or inconsistent file raises
-    :class:`CheckpointError` naming it.
+    :class:`DopamineReplay`): the valid indices are the ones a Dopamine agent
+    with this ``update_horizon`` samples after ``load``-ing these files -- the
+    saved ``invalid_range`` (the saving agent's horizon h) and the
+    ``update_horizon`` n both exclude rows around the cursor, so rows
+    ``cursor - max(n, h) ... cursor + 3`` are never valid.  A missing,
+    truncated or inconsistent file raises :class:`CheckpointError` naming it.
     """
     if isinstance(update_horizon, bool) or not isinstance(update_horizon, (int, np.integer)) or update_horizon < 1:
         raise TeacherError(f"update_horizon must be an integer >= 1, got {update_horizon!r}")
@@ -2103,13 +2129,14 @@ def load_dopamine_replay(
         if arr.shape[0] != capacity:
             raise CheckpointError(f"{path[name]} has {arr.shape[0]} rows but {path['$store$_action'].name} has {capacity}; the files come from different saves, {redo_all}")
     saved_range = _read_gz_file(path["invalid_range"], redo)
+    saved_horizon: int | None = None
     if add_count > 0:
-        # The saver's invalid range: rows cursor - h ... cursor + 3 for its horizon h.
+        # The saver's invalid range: rows cursor - h ... cursor + 3 for its horizon h (h + 4 rows).
         c = add_count % capacity
         ok = isinstance(saved_range, np.ndarray) and saved_range.ndim == 1 and saved_range.shape[0] >= _REPLAY_STACK
         if ok:
-            h = saved_range.shape[0] - _REPLAY_STACK
-            ok = np.array_equal(saved_range, (c - h + np.arange(h + _REPLAY_STACK)) % capacity)
+            saved_horizon = saved_range.shape[0] - _REPLAY_STACK
+            ok = np.array_equal(saved_range, (c - saved_horizon + np.arange(saved_horizon + _REPLAY_STACK)) % capacity)
         if not ok:
             raise CheckpointError(
                 f"{path['invalid_range']} does not match {path['add_count'].name} ({add_count} rows added, cursor {c} of capacity {capacity}); "
@@ -2138,6 +2165,7 @@ def load_dopamine_replay(
         iteration=suffix,
         path=folder,
         teacher_iteration=teacher_iteration,
+        saved_update_horizon=saved_horizon,
     )
 
 

@@ -3,7 +3,11 @@
 The fixture (tests/fixtures/dopamine_replay/, see make_dopamine_replay_fixture.py)
 was written by Dopamine's ``OutOfGraphReplayBuffer.save``; ``expected.npz``
 holds what that buffer's ``is_valid_transition`` and ``sample_transition_batch``
-returned for update horizons 1 and 3.  Offline, CPU, a few seconds.
+returned for update horizons 1 and 3.  ``horizons/`` holds buffers saved with
+update horizon h in (1, 3) and what Dopamine buffers with horizon n in 1..4
+did after ``load``-ing them (``is_valid_transition``, the indices
+``sample_index_batch`` drew, ``sample_transition_batch``).  Offline, CPU, a few
+seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ FIXTURE = Path(__file__).resolve().parent / "fixtures" / "dopamine_replay"
 RUN = FIXTURE / "run"  # checkpoints/*_ckpt.7.gz + sentinel_checkpoint_complete.7
 RUN_LOGS = FIXTURE / "run_logs"  # replay_logs/*_ckpt.2.gz + checkpoints/sentinel_checkpoint_complete.7
 NOTFULL = FIXTURE / "notfull"  # plain folder, *_ckpt.0.gz, 110 of 240 rows
+HORIZONS = FIXTURE / "horizons"  # <full|notfull>_h<h>/*_ckpt.0.gz: capacity 50, saved by a buffer with update_horizon h
 ITERATION = 7
 CAPACITY = 240
 REQUIRED = ["$store$_observation", "$store$_action", "$store$_reward", "$store$_terminal", "add_count", "invalid_range"]
@@ -146,6 +151,72 @@ def test_fixture_exercises_every_rule():
     part = load(NOTFULL, update_horizon=3)
     assert not part.is_full and part.cursor == part.add_count == 110
     assert part.valid_indices().min() >= 3 and part.valid_indices().max() < part.cursor - 3
+
+
+# ----------------------------------------------------------------------------
+# Saved with one update horizon, loaded with another: what Dopamine's agent samples
+# ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def horizons_expected() -> dict[str, np.ndarray]:
+    with np.load(HORIZONS / "expected.npz") as z:
+        return dict(z)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("h", [1, 3])
+@pytest.mark.parametrize("buffer", ["full", "notfull"])
+def test_valid_rows_are_what_a_loading_dopamine_agent_samples(horizons_expected, buffer, h, n):
+    """A buffer saved by an agent with horizon h, loaded with n (the reference's
+    TeacherDQNAgent: n = 3 on DQN teachers saved with h = 1): the valid rows are
+    exactly the indices Dopamine's own sample_index_batch drew from the loaded
+    buffer, whose ``load`` kept the saved invalid_range (h) while its other checks use n."""
+    e = horizons_expected
+    replay = load(HORIZONS / f"{buffer}_h{h}", update_horizon=n, gamma=float(e["gamma"]))
+    key, cap, c = f"{buffer}_h{h}_n{n}", replay.capacity, int(e[f"{buffer}_cursor"])
+    assert replay.saved_update_horizon == h and replay.cursor == c and cap == 50
+    valid = replay.valid_indices()
+    assert np.array_equal(valid, e[f"{key}_sampled"])
+    m = max(n, h)
+    assert not replay.valid_mask()[(c - m + np.arange(m + 4)) % cap].any(), "rows cursor - max(n, h) ... cursor + 3"
+
+    # The loaded buffer's is_valid_transition alone: the same rows when h >= n
+    # (or the buffer is not full); with h < n it also accepts rows
+    # cursor - n ... cursor - h - 1 (the fixture keeps them clear of the other
+    # rules, so all n - h show), which Dopamine's sampler never draws.
+    is_valid = e[f"{key}_is_valid"]
+    assert np.isin(valid, is_valid).all()
+    extra = np.setdiff1d(is_valid, valid)
+    if h < n and buffer == "full":
+        assert np.array_equal(extra, (c - n + np.arange(n - h)) % cap)
+        # Unsafe rows: the next state of each stacks row `cursor`, the oldest row, from another episode.
+        assert ((extra + n - c) % cap < 4).all()
+        assert replay.frames[c, 5, 5] != replay.frames[c - 1, 5, 5]
+    else:
+        assert extra.size == 0
+
+    if f"{key}_state" in e:  # wrapped buffer, h != n: Dopamine's sample_transition_batch of those rows
+        t = replay.transitions(valid)
+        for name in ("state", "next_state"):
+            assert np.array_equal(t[name], np.moveaxis(e[f"{key}_{name}"], -1, 1)), name
+        assert np.array_equal(t["action"], e[f"{key}_action"])
+        assert np.array_equal(t["reward"].view(np.uint32), e[f"{key}_reward"].view(np.uint32))
+        assert np.array_equal(t["terminal"], e[f"{key}_terminal"].astype(bool))
+
+
+def test_saved_horizon_is_read_from_invalid_range(tmp_path):
+    """h = len(invalid_range) - 4 (Dopamine saves h + stack_size rows); the paper's teachers: h = 1."""
+    assert load(RUN, update_horizon=3).saved_update_horizon == 1
+    assert load(NOTFULL).saved_update_horizon == 1
+    run = copy_run(tmp_path)
+    c = 558 % CAPACITY
+    write_npy_gz(run / "checkpoints" / "invalid_range_ckpt.7.gz", (c - 5 + np.arange(9)) % CAPACITY)  # as an n = 5 saver writes it
+    r1 = load(run, update_horizon=1)
+    assert r1.saved_update_horizon == 5
+    assert not r1.valid_mask()[(c - 5 + np.arange(9)) % CAPACITY].any()
+    ref = load(RUN, update_horizon=1)
+    assert np.array_equal(r1.valid_mask(), ref.valid_mask() & ~np.isin(np.arange(CAPACITY), (c - 5 + np.arange(9)) % CAPACITY))
+    unknown = tu.DopamineReplay(**{**vars(r1), "saved_update_horizon": None})
+    assert np.array_equal(unknown.valid_mask(), ref.valid_mask())
 
 
 def test_other_gamma_is_the_discounted_sum():
