@@ -36,7 +36,21 @@ What it does:
 * ``--slurm`` submits the grid as a SLURM job array with submitit (``pip install
   submitit``; only imported then): one GPU per task, at most ``--workers`` tasks at
   once (default: no limit), each adding ``--resume`` when its run has a checkpoint; ``--slurm-cluster local``
-  runs the same tasks on this machine (to try it) and waits for them.
+  runs the same tasks on this machine (to try it) and waits for them. At the time limit (or a preemption)
+  submitit's signal (SIGUSR2, ``--slurm-signal-delay-s`` before the limit) reaches the task, which sends its
+  run one SIGTERM (the run finishes its step, writes a checkpoint and exits 130), waits for it and requeues
+  itself (at most ``--slurm-max-requeues`` times after a time limit); the requeued task continues the run with
+  ``--resume``. A run stopped that way is reported as interrupted, not failed; one that could not be requeued
+  says how to resume it.
+
+Before anything starts (and before ``--emit-grid`` writes its file) the grid is checked: each ``--methods`` value
+against the script's ``Args.method`` choices and the flags after ``--`` against its ``Args`` fields (both read
+from the script's source, without running it), each ``--env-ids`` value against envpool's Atari ids (listed by
+``--python``, as the runs will see them), and that ``--script`` and ``--python`` exist. A bad value ends the
+launcher with one ``error:`` line (with the valid choices or a close match) and exit code 2.
+
+Exit code: 0 when every run succeeded, 1 when a run failed, 130 when none failed but some were interrupted with a
+checkpoint or not started (Ctrl-C, or a SLURM task that could not be requeued): relaunch to resume them.
 
 GPU sharing: ``--gpus 0 1 --processes-per-gpu 2`` runs up to 4 runs at once, at most
 2 on each GPU. Each run is started with ``CUDA_VISIBLE_DEVICES`` set to a GPU that
@@ -51,11 +65,15 @@ is no gpus-per-run setting. Without ``--gpus`` the environment is passed unchang
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import difflib
 import itertools
+import math
 import os
 import queue
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,6 +178,16 @@ class Result:
     returncode: int | None  # None: not started (interrupted before)
     seconds: float
     log: Path
+    interrupted: bool = False  # stopped by a signal as asked (it wrote a checkpoint and exited 130): not a failure
+    note: str = ""  # e.g. how often submitit requeued it
+
+    @property
+    def failed(self) -> bool:
+        return self.returncode not in (0, None) and not self.interrupted
+
+
+# The scripts' exit code after a SIGTERM/SIGINT once they have written their checkpoint (teacher_utils.Interrupt).
+INTERRUPTED_EXIT = 130
 
 
 class LocalLauncher:
@@ -214,9 +242,11 @@ class LocalLauncher:
                 finally:
                     self.procs.pop(proc.pid, None)
             seconds = time.monotonic() - start
-            status = "ok" if code == 0 else "FAILED"
+            # 130 after the launcher's own SIGTERM (Ctrl-C): the run checkpointed and stopped as asked.
+            interrupted = code == INTERRUPTED_EXIT and self.stopping.is_set()
+            status = "ok" if code == 0 else "interrupted" if interrupted else "FAILED"
             self.say(f"[{index}/{total}] {status} {run.run_name}: exit code {code} after {seconds:.1f} s (log: {log})")
-            return Result(run, code, seconds, log)
+            return Result(run, code, seconds, log, interrupted=interrupted)
         finally:
             self.slots.put(slot)
 
@@ -279,77 +309,303 @@ class LocalLauncher:
                 proc.wait(timeout=5)
 
 
-def summarize(results: Sequence[Result]) -> int:
-    failed = [r for r in results if r.returncode != 0]
-    done = len(results) - len(failed)
-    print(f"\n{done}/{len(results)} runs succeeded, total run time {sum(r.seconds for r in results):.1f} s")
+def summarize(results: Sequence[Result], resume_hint: str = "relaunch with --resume to continue them") -> int:
+    """Print the table; 0 if every run succeeded, 1 if one failed, else 130 (interrupted or not started runs)."""
+    failed = [r for r in results if r.failed]
+    stopped = [r for r in results if r.interrupted or r.returncode is None]
+    done = sum(r.returncode == 0 for r in results)
+    parts = [f"{done}/{len(results)} runs succeeded"]
+    if any(r.interrupted for r in results):
+        parts.append(f"{sum(r.interrupted for r in results)} interrupted (resumable)")
+    if any(r.returncode is None for r in results):
+        parts.append(f"{sum(r.returncode is None for r in results)} not started")
+    print(f"\n{', '.join(parts)}, total run time {sum(r.seconds for r in results):.1f} s")
     for r in results:
-        code = "not started" if r.returncode is None else f"exit {r.returncode}"
-        print(f"  {code:>11}  {r.seconds:8.1f} s  {r.run.run_name}")
+        code = "not started" if r.returncode is None else "interrupted" if r.interrupted else f"exit {r.returncode}"
+        print(f"  {code:>11}  {r.seconds:8.1f} s  {r.run.run_name}" + (f"  ({r.note})" if r.note else ""))
+    if stopped:
+        print(f"{len(stopped)} run(s) interrupted or not started (not failures): {resume_hint}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} run(s) failed:", file=sys.stderr)
         for r in failed:
-            why = "not started" if r.returncode is None else f"exit code {r.returncode}"
-            print(f"  {r.run.run_name} ({why}); log: {r.log}", file=sys.stderr)
+            print(f"  {r.run.run_name} (exit code {r.returncode}); log: {r.log}", file=sys.stderr)
         return 1
-    return 0
+    return INTERRUPTED_EXIT if stopped else 0
 
 
 # ----------------------------------------------------------------------------
 # SLURM through submitit (optional)
 # ----------------------------------------------------------------------------
-def _slurm_task(argv: list[str], run_name: str, cwd: str, env: dict[str, str], resume: bool) -> int:
-    """What each array task runs (on the compute node): the script, resumed if it has a checkpoint."""
-    argv = list(argv)
-    if resume and checkpoint_dir(run_name, Path(cwd)).is_dir() and "--resume" not in argv:
-        argv.append("--resume")
-    print("command:", shlex.join(argv), flush=True)
-    return subprocess.run(argv, cwd=cwd, env={**os.environ, **env}).returncode
+def _preempt_signal() -> signal.Signals:
+    """submitit's time-limit / preemption signal: SIGUSR2, or what SUBMITIT_PREEMPT_SIGNAL names (read as submitit's
+    JobEnvironment reads it)."""
+    return signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
 
 
-def submit_slurm(opts: argparse.Namespace, runs: Sequence[Run], script: str, cwd: Path) -> int:
+_REAPED: dict[int, int] = {}  # without os.waitid (macOS): the exit codes of the children _child_exit reaped
+
+
+def _child_exit(pid: int, timeout: float | None) -> int | None:
+    """The exit code of child ``pid`` (-N if signal N killed it) once it has exited, or None if it is still running
+    after ``timeout`` seconds (None: wait). It takes no lock (Popen.wait and Popen.poll hold one that the code a signal
+    handler interrupted may hold already) and leaves the child unreaped (WNOWAIT) where os.waitid exists."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if hasattr(os, "waitid"):
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | (0 if deadline is None else os.WNOHANG))
+            code = None if info is None else info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        elif pid in _REAPED:
+            code = _REAPED[pid]
+        else:  # reaped here, and remembered (Popen.wait then finds no child and leaves it be)
+            done, status = os.waitpid(pid, 0 if deadline is None else os.WNOHANG)
+            code = None
+            if done:
+                code = _REAPED[pid] = os.waitstatus_to_exitcode(status)
+        if code is not None:
+            return code
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _say(msg: str) -> None:
+    print(f"launch: {msg}", file=sys.stderr, flush=True)
+
+
+class SlurmTask:
+    """What each submitit task runs on its node: the training script as a child process, with ``--resume`` when its
+    run has a checkpoint. Returns ``{"returncode", "interrupted", "requeues"}``.
+
+    At the time limit, or at a preemption, submitit's signal handler (SIGUSR2 by default, ``--signal=USR2@DELAY``)
+    calls ``checkpoint()`` in the task while ``__call__`` waits for the child, then requeues the task with the
+    DelayedSubmission it returns (``scontrol requeue``; the local executor restarts it) and exits; after too many
+    time limits it raises ``UncompletedJobError`` instead. ``checkpoint()`` sends the run one SIGTERM (it finishes its
+    step, writes a checkpoint and exits 130, as under reincarnate.sbatch), waits up to ``stop_timeout`` seconds for
+    it, and asks for the requeue; the requeued task resumes the run. Without that (a plain function, as before),
+    submitit found nothing to checkpoint, raised, and the child was killed without a checkpoint.
+
+    submitit only looks for a ``checkpoint`` method (``helpers.Checkpointable`` adds nothing else), so the class does
+    not derive from it and this module imports submitit only with --slurm.
+
+    Signals: the child stays in the task's process group, as the python that reincarnate.sbatch execs, so what SLURM
+    sends the whole job step (SIGTERM at the end of the time limit or at a preemption, scancel's signals) and a
+    terminal's Ctrl-C reach it directly, once; the task forwards none of those (the scripts take a second signal as
+    "exit now, without a checkpoint"). The child ignores submitit's signal (its default action would kill it
+    without a checkpoint; SLURM sends --signal to every process of the step): the task turns it into one SIGTERM.
+    """
+
+    def __init__(self, stop_timeout: float):
+        self.stop_timeout = stop_timeout
+        self.requeues = 0  # how often this task was requeued at a time limit or preemption (kept across requeues)
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self._proc: subprocess.Popen | None = None
+        self._run_name = ""
+        self._code: int | None = None  # the child's exit code once known
+        self._signalled = False  # submitit's signal handler called checkpoint()
+        self._stopped = False  # we sent the child its SIGTERM
+        self._killed = False  # ... and it did not exit within stop_timeout
+        self._asked_requeue = False  # checkpoint() returned a DelayedSubmission (submitit may still not requeue)
+        self._got_sigterm = False  # the task got a SIGTERM (SLURM sends the whole step one: the run got it too)
+
+    def __getstate__(self) -> dict:  # pickled for submission and for the requeue: without this run's process
+        state = dict(self.__dict__)
+        state.update(_proc=None, _run_name="", _code=None, _signalled=False, _stopped=False, _killed=False,
+                     _asked_requeue=False, _got_sigterm=False)
+        return state
+
+    def __call__(self, argv: list[str], run_name: str, cwd: str, env: dict[str, str | None]) -> dict:
+        argv = list(argv)
+        if checkpoint_dir(run_name, Path(cwd)).is_dir() and "--resume" not in argv:
+            argv.append("--resume")
+        child_env = {**os.environ, **{k: v for k, v in env.items() if v is not None}}
+        for k in [k for k, v in env.items() if v is None]:  # None: not set for the run
+            child_env.pop(k, None)
+        again = f" (requeued {self.requeues} time(s) so far)" if self.requeues else ""
+        print("command:", shlex.join(argv) + again, flush=True)
+        self._run_name = run_name
+        watch = threading.current_thread() is threading.main_thread()  # (submitit's debug executor: maybe not)
+        if watch:
+            previous = signal.getsignal(signal.SIGTERM)  # submitit's: it logs and ignores SIGTERM
+
+            def note_sigterm(signum, frame):
+                self._got_sigterm = True
+                if callable(previous):
+                    previous(signum, frame)
+
+            signal.signal(signal.SIGTERM, note_sigterm)
+        try:
+            return self._run(argv, run_name, cwd, child_env)
+        finally:
+            if watch:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def _run(self, argv: list[str], run_name: str, cwd: str, child_env: dict[str, str]) -> dict:
+        sig = _preempt_signal()
+
+        def ignore_preempt_signal() -> None:  # in the child, before exec (SIG_IGN survives exec)
+            signal.signal(sig, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+
+        # Blocked until checkpoint() can see the child: a signal in between waits, neither lost nor half-handled.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
+        try:
+            self._proc = proc = subprocess.Popen(argv, cwd=cwd, env=child_env, preexec_fn=ignore_preempt_signal)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+        try:
+            self._code = _child_exit(proc.pid, None)
+            proc.wait()
+            if self._code == INTERRUPTED_EXIT and self._got_sigterm:  # SLURM's SIGTERM reached the run directly
+                _say(f"interrupted: {run_name} and its task got a SIGTERM (from SLURM: a preemption, scancel or the "
+                     "end of the time limit) and the run stopped with a checkpoint; SLURM requeues a preempted job if "
+                     "so configured, or rerun the same launch command to resume it (its task adds --resume)")
+                return {"returncode": self._code, "interrupted": True, "requeues": self.requeues}
+            return {"returncode": self._code, "interrupted": False, "requeues": self.requeues}
+        except BaseException as e:
+            if not self._signalled:
+                raise
+            # submitit's handler ran checkpoint(), then requeued the task and exits (SystemExit), or could not requeue.
+            if self._code is not None:
+                with contextlib.suppress(ChildProcessError):
+                    proc.wait()
+            if not isinstance(e, Exception):  # SystemExit (requeued), KeyboardInterrupt
+                raise
+            if self._asked_requeue:  # but submitit did not requeue (too many time limits, or scontrol failed)
+                self.requeues -= 1
+            code = self._code
+            if code == 0:
+                return {"returncode": 0, "interrupted": False, "requeues": self.requeues}
+            if self._stopped and (code == INTERRUPTED_EXIT or self._killed):
+                what = "killed without a new checkpoint" if self._killed else "with a checkpoint"
+                resume = argv if "--resume" in argv else [*argv, "--resume"]
+                _say(f"interrupted: {run_name} stopped at the time limit or a preemption {what}, but was not requeued "
+                     f"({type(e).__name__}: {e}); to resume it, rerun the same launch command (its task adds --resume), "
+                     f"or: cd {shlex.quote(cwd)} && {shlex.join(resume)}")
+                return {"returncode": code, "interrupted": True, "requeues": self.requeues}
+            return {"returncode": code, "interrupted": False, "requeues": self.requeues}
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit's signal handler (in this process, while __call__ waits): stop the run with one
+        SIGTERM and wait for its checkpoint; a DelayedSubmission of the same call to requeue, or None (the run
+        had ended by itself: nothing to requeue)."""
+        self._signalled = True
+        proc = self._proc
+        if proc is None:  # the signal came before the run started
+            return self._requeue(*args, **kwargs)
+        if self._code is None:
+            self._code = _child_exit(proc.pid, 0)
+        if self._code is None and not self._stopped:
+            sig = _preempt_signal().name
+            _say(f"{sig} from submitit (time limit or preemption): sent SIGTERM to {self._run_name} (pid {proc.pid}); "
+                 f"waiting up to {self.stop_timeout:g} s while it writes its checkpoint")
+            self._stopped = True
+            os.kill(proc.pid, signal.SIGTERM)
+            self._code = _child_exit(proc.pid, self.stop_timeout)
+            if self._code is None:
+                _say(f"{self._run_name} did not exit within {self.stop_timeout:g} s: killing it "
+                     "(it resumes from its last checkpoint)")
+                self._killed = True
+                os.kill(proc.pid, signal.SIGKILL)
+                self._code = _child_exit(proc.pid, None)
+        if self._stopped and (self._code == INTERRUPTED_EXIT or self._killed):
+            _say(f"{self._run_name} stopped (exit code {self._code}): asking submitit to requeue its task, which "
+                 "continues the run with --resume")
+            return self._requeue(*args, **kwargs)
+        _say(f"{self._run_name} had ended by itself (exit code {self._code}): nothing to requeue")
+        return None
+
+    def _requeue(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission
+
+        if not self._asked_requeue:
+            self._asked_requeue = True
+            self.requeues += 1  # pickled with the DelayedSubmission: the requeued task counts it
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+def import_submitit():
     try:
         import submitit
     except ImportError:
         print("error: --slurm needs the submitit package: pip install submitit "
               "(or use --emit-grid with reincarnate_utils/slurm/reincarnate.sbatch)", file=sys.stderr)
-        return 2
+        return None
+    return submitit
+
+
+def submit_slurm(opts: argparse.Namespace, runs: Sequence[Run], script: str, cwd: Path, submitit) -> int:
     folder = Path(opts.log_dir) / "submitit"
+    delay = signal_delay_s(opts)
     try:
-        executor = submitit.AutoExecutor(folder=str(folder), cluster=opts.slurm_cluster)
+        if opts.slurm_cluster == "local":
+            # LocalExecutor directly: AutoExecutor takes neither a fractional timeout_min nor signal_delay_s for it.
+            executor = submitit.LocalExecutor(folder=str(folder), max_num_timeout=opts.slurm_max_requeues)
+            executor.update_parameters(timeout_min=opts.slurm_time_min, signal_delay_s=delay)
+        else:
+            executor = submitit.AutoExecutor(folder=str(folder), cluster=opts.slurm_cluster,
+                                             slurm_max_num_timeout=opts.slurm_max_requeues)
     except RuntimeError as e:  # submitit's "Could not detect srun" off a cluster
         print(f"error: --slurm: {e} (--slurm-cluster local runs the tasks here)", file=sys.stderr)
         return 1
-    params = dict(slurm_array_parallelism=opts.workers or len(runs), gpus_per_node=1, cpus_per_task=opts.slurm_cpus,
-                  timeout_min=opts.slurm_time_min, mem_gb=opts.slurm_mem_gb, name=Path(script).stem)
-    if opts.slurm_partition:
-        params["slurm_partition"] = opts.slurm_partition
-    if opts.slurm_cluster != "slurm":  # local / debug: no GPU request (the machine's own devices are used)
-        params.pop("gpus_per_node")
-    executor.update_parameters(**params)
-    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
+    if opts.slurm_cluster != "local":
+        params = dict(slurm_array_parallelism=opts.workers or len(runs), gpus_per_node=1, cpus_per_task=opts.slurm_cpus,
+                      timeout_min=math.ceil(opts.slurm_time_min), mem_gb=opts.slurm_mem_gb, name=Path(script).stem,
+                      slurm_signal_delay_s=delay)
+        if opts.slurm_partition:
+            params["slurm_partition"] = opts.slurm_partition
+        if opts.slurm_cluster == "debug":  # runs in this process: no GPU request (the machine's own devices are used)
+            params.pop("gpus_per_node")
+        executor.update_parameters(**params)
+    env: dict[str, str | None] = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
+    if opts.slurm_cluster == "local":  # its controller sets CUDA_VISIBLE_DEVICES to the GPUs requested ("": none)
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES")  # the runs see this machine's devices
     argvs = [run.argv(opts.python, script) for run in runs]
+    task = SlurmTask(stop_timeout=max(delay - 30, 0.8 * delay))
     submitted = time.monotonic()
     try:
-        jobs = executor.map_array(_slurm_task, argvs, [r.run_name for r in runs], [str(cwd)] * len(runs),
-                                  [env] * len(runs), [True] * len(runs))
+        jobs = executor.map_array(task, argvs, [r.run_name for r in runs], [str(cwd)] * len(runs), [env] * len(runs))
     except (OSError, subprocess.CalledProcessError) as e:  # e.g. no sbatch on this machine
         print(f"error: submitting to {opts.slurm_cluster} failed: {e}", file=sys.stderr)
         return 1
     for run, job in zip(runs, jobs):
         print(f"submitted {job.job_id}: {run.run_name}")
-    print(f"submitit logs: {folder}; rerunning the same launch command resumes runs that have a checkpoint")
+    print(f"submitit logs: {folder}; {_preempt_signal().name} {delay} s before a task's time limit (or at a preemption) "
+          f"stops its run with a checkpoint and requeues the task (at most {opts.slurm_max_requeues} time(s) after a "
+          "time limit), which resumes it; rerunning the same launch command also resumes runs that have a checkpoint",
+          flush=True)
     if opts.slurm_cluster == "slurm":
         return 0
     results = []  # local / debug: wait, and report as a local launch does
-    for run, job in zip(runs, jobs):
+    for i, (run, job) in enumerate(zip(runs, jobs), 1):
+        log = Path(job.paths.stderr)
         try:
-            code = job.result()
+            out = job.result()
         except Exception as e:  # the task itself raised (submitit re-raises it here)
             print(f"{run.run_name}: {type(e).__name__}: {e}", file=sys.stderr)
-            code = 1
-        results.append(Result(run, code, time.monotonic() - submitted, folder))  # time until seen finished
-    return summarize(results)
+            out = {"returncode": 1}
+        if not isinstance(out, dict):  # a task pickled by an older launcher returned the exit code
+            out = {"returncode": out}
+        code, interrupted, requeues = out["returncode"], out.get("interrupted", False), out.get("requeues", 0)
+        note = f"requeued {requeues} time(s) at a time limit or preemption, resumed with --resume" if requeues else ""
+        if interrupted:
+            how = "with a checkpoint" if code == INTERRUPTED_EXIT else "killed without a new checkpoint"
+            note = f"stopped {how} and not requeued: see its log" + (f"; {note}" if note else "")
+        seconds = time.monotonic() - submitted  # time until seen finished
+        status = "ok" if code == 0 else "interrupted" if interrupted else "FAILED"
+        print(f"[{i}/{len(runs)}] {status} {run.run_name}: exit code {code} after {seconds:.1f} s"
+              + (f"; {note}" if note else "") + f" (log: {log})", flush=True)
+        results.append(Result(run, code, seconds, log, interrupted=interrupted, note=note))
+    return summarize(results, resume_hint="rerun the same launch command to resume them")
+
+
+def signal_delay_s(opts: argparse.Namespace) -> int:
+    """Seconds before the time limit at which a task gets submitit's signal (default: 300, as reincarnate.sbatch's
+    --signal=B:TERM@300, at most half the time limit)."""
+    if opts.slurm_signal_delay_s is not None:
+        return opts.slurm_signal_delay_s
+    return max(1, min(300, int(opts.slurm_time_min * 30)))
 
 
 # ----------------------------------------------------------------------------
@@ -392,7 +648,15 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--slurm-cluster", default="slurm", choices=["slurm", "local", "debug"],
                    help="submitit executor: slurm (default); local or debug run the tasks on this machine, "
                         "to try the path without a cluster (the launcher then waits and reports exit codes)")
-    g.add_argument("--slurm-time-min", type=int, default=24 * 60, help="time limit per task in minutes (default: 1440)")
+    g.add_argument("--slurm-time-min", type=float, default=24 * 60,
+                   help="time limit per task in minutes (default: 1440; fractions only with --slurm-cluster local)")
+    g.add_argument("--slurm-signal-delay-s", type=int, default=None, metavar="SECONDS",
+                   help="submitit's signal (SIGUSR2) comes this long before the time limit; the task then sends its run "
+                        "one SIGTERM (it writes a checkpoint) and requeues itself "
+                        "(default: 300, as reincarnate.sbatch, at most half the time limit)")
+    g.add_argument("--slurm-max-requeues", type=int, default=3, metavar="N",
+                   help="requeue a task at most N times after its time limit (submitit's max_num_timeout; default: 3); "
+                        "then it stops with a checkpoint and says how to resume")
     g.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per task (default: 8)")
     g.add_argument("--slurm-mem-gb", type=int, default=64, help="host memory per task in GB (default: 64)")
     return p
@@ -406,13 +670,122 @@ def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def resolve_script(script: str) -> str:
+def resolve_script(script: str) -> str | None:
     path = Path(script)
     if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
         path = REPO_ROOT / path
-    if not path.exists():
-        raise SystemExit(f"error: --script {script} not found (here or in {REPO_ROOT})")
-    return str(path.resolve())
+    return str(path.resolve()) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------
+# Checking the grid before anything starts
+# ----------------------------------------------------------------------------
+@dataclass
+class ScriptArgs:
+    """What the script's ``Args`` accepts, read from its source (None: not found there, so not checked)."""
+
+    methods: list[str] | None = None  # Args.method's Literal values (or the keys of a METHODS table)
+    fields: set[str] | None = None  # Args's field names
+
+
+def read_script_args(script: str) -> ScriptArgs:
+    """Parse the script's source with ``ast`` instead of importing it: an import runs the script's module code
+    (jax, flax, envpool: seconds, and it can fail on a login node without the GPU libraries), while the values
+    needed are literals in the source: ``method: Literal["qdagger", ...]`` in ``class Args`` and its fields."""
+    try:
+        tree = ast.parse(Path(script).read_text(), filename=script)
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return ScriptArgs()
+    info = ScriptArgs()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Args":
+            fields = [n for n in node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+            if not node.bases:  # (a base class's fields would not be seen here)
+                info.fields = {n.target.id for n in fields}
+            for n in fields:
+                if n.target.id == "method":
+                    info.methods = _literal_strings(n.annotation)
+    if info.methods is None:  # no Literal: the keys of a module-level METHODS = {...} table
+        for node in tree.body:
+            target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else getattr(node, "target", None)
+            value = getattr(node, "value", None)
+            if isinstance(target, ast.Name) and target.id == "METHODS" and isinstance(value, ast.Dict):
+                keys = [k.value for k in value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+                if keys and len(keys) == len(value.keys):
+                    info.methods = keys
+    return info
+
+
+def _literal_strings(annotation: ast.expr) -> list[str] | None:
+    """``Literal["a", "b"]`` (or ``typing.Literal[...]``) -> ["a", "b"]; None for anything else."""
+    if not isinstance(annotation, ast.Subscript):
+        return None
+    name = annotation.value
+    if not ((isinstance(name, ast.Name) and name.id == "Literal") or (isinstance(name, ast.Attribute) and name.attr == "Literal")):
+        return None
+    elts = annotation.slice.elts if isinstance(annotation.slice, ast.Tuple) else [annotation.slice]
+    values = [e.value for e in elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+    return values if values and len(values) == len(elts) else None
+
+
+# envpool's Atari ids, as teacher_utils.atari_env_ids lists them (without importing teacher_utils, i.e. jax).
+_LIST_ATARI_IDS = ("from envpool.registration import registry\n"
+                   "print('ATARI_IDS', *sorted(i for i, s in registry.specs.items() if s[0] == 'envpool.atari'))")
+
+
+def atari_env_ids(python: str) -> tuple[list[str] | None, str]:
+    """envpool's Atari ids as ``python`` (the runs' interpreter) sees them, or (None, why not)."""
+    try:
+        r = subprocess.run([python, "-c", _LIST_ATARI_IDS], capture_output=True, text=True, timeout=300,
+                           stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, str(e)
+    lines = [line.split()[1:] for line in r.stdout.splitlines() if line.startswith("ATARI_IDS")]
+    if r.returncode != 0 or not lines or not lines[-1]:
+        return None, (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+    return lines[-1], ""
+
+
+def env_id_problem(env_id: str, candidates: Sequence[str]) -> str | None:
+    """None if envpool has ``env_id``, else its close matches, by teacher_utils.check_env_id's rule."""
+    if env_id in candidates:
+        return None
+    key = env_id.split("/")[-1].replace("NoFrameskip", "").replace("-v4", "-v5")
+    close = difflib.get_close_matches(key, candidates, n=4, cutoff=0.5)
+    return f"{env_id!r} (did you mean {', '.join(close)}?)" if close else repr(env_id)
+
+
+def check_grid(opts: argparse.Namespace, script: str, extra: Sequence[str]) -> str | None:
+    """The first problem with the grid's values (one line), or None: what would otherwise surface only when a run
+    starts, after others were launched."""
+    if shutil.which(opts.python) is None:
+        return f"--python {opts.python}: no such interpreter"
+    name = Path(script).name
+    info = read_script_args(script)
+    if info.methods is not None:
+        bad = [m for m in dict.fromkeys(opts.methods) if m not in info.methods]
+        if bad:
+            close = difflib.get_close_matches(bad[0], info.methods, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return (f"unknown method {', '.join(map(repr, bad))} in --methods{hint}: {name} takes "
+                    f"{', '.join(info.methods)}")
+    if info.fields is not None:
+        known = info.fields | {f"no_{f}" for f in info.fields} | {"help"}
+        for tok in extra:
+            flag = flag_name(tok)
+            if flag is not None and flag not in known:
+                close = difflib.get_close_matches(flag, sorted(info.fields), n=1)
+                hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
+                return f"unknown flag {tok.split('=', 1)[0]} after --: {name}'s Args has no such field{hint}"
+    ids, why = atari_env_ids(opts.python)
+    if ids is None:
+        print(f"note: --env-ids not checked: {opts.python} could not list envpool's Atari ids ({why})", file=sys.stderr)
+        return None
+    bad = [p for p in (env_id_problem(e, ids) for e in dict.fromkeys(opts.env_ids)) if p]
+    if bad:
+        return (f"unknown Atari env id {', '.join(bad)} in --env-ids: envpool ids look like Breakout-v5 "
+                "(teacher_utils.atari_env_ids() lists them)")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -427,12 +800,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--processes-per-gpu must be >= 1")
     if opts.workers is not None and opts.workers < 1:
         parser.error("--workers must be >= 1")
+    if opts.slurm:
+        if opts.slurm_time_min <= 0:
+            parser.error("--slurm-time-min must be > 0")
+        if opts.slurm_cluster != "local" and opts.slurm_time_min != int(opts.slurm_time_min):
+            parser.error(f"--slurm-time-min must be whole minutes with --slurm-cluster {opts.slurm_cluster} "
+                         "(fractions only with --slurm-cluster local)")
+        delay = signal_delay_s(opts)
+        if not 1 <= delay < opts.slurm_time_min * 60:
+            parser.error(f"--slurm-signal-delay-s {delay} must be >= 1 and shorter than the time limit "
+                         f"({opts.slurm_time_min * 60:g} s)")
+        if opts.slurm_max_requeues < 0:
+            parser.error("--slurm-max-requeues must be >= 0")
+    submitit = None
+    if opts.slurm and not (opts.dry_run or opts.emit_grid):  # (before the slower checks below)
+        submitit = import_submitit()
+        if submitit is None:
+            return 2
     script = resolve_script(opts.script)
+    if script is None:
+        print(f"error: --script {opts.script} not found (here or in {REPO_ROOT})", file=sys.stderr)
+        return 2
     exp_name = flag_value(extra, "exp_name") or Path(script).stem
     runs = build_grid(opts.env_ids, opts.seeds, opts.methods, exp_name, extra)
     names = [r.run_name for r in runs]
     if len(set(names)) != len(names):
         parser.error("the grid repeats a run (duplicate --env-ids, --seeds or --methods)")
+    problem = check_grid(opts, script, extra)  # before anything starts or --emit-grid writes its file
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     cwd = Path.cwd()
 
     if opts.gpus:
@@ -465,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(runs)} runs, {where} (dry run: nothing started)")
         return 0
     if opts.slurm:
-        return submit_slurm(opts, runs, script, cwd)
+        return submit_slurm(opts, runs, script, cwd, submitit)
 
     print(f"{len(runs)} runs, {len(slots)} at once; logs in {opts.log_dir}", flush=True)
     launcher = LocalLauncher(opts.python, script, Path(opts.log_dir), cwd, slots, stop_timeout=opts.stop_timeout)

@@ -9,7 +9,6 @@ of qdagger_dqn_atari_jax.py, the dry run, a failing run, the GPU-sharing environ
 """
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import math
@@ -239,11 +238,70 @@ def test_launcher_dry_run_starts_nothing(tmp_path):
 
 
 def test_launcher_reports_a_failing_run(tmp_path):
-    r = run_launcher(tmp_path, "--script", DQN_SCRIPT, "--env-ids", "NotAGame-v5", "--seeds", "1", "--", *TINY)
-    name = expected_name("NotAGame-v5", 1)
+    r = run_launcher(tmp_path, "--script", DQN_SCRIPT, "--env-ids", "Pong-v5", "--seeds", "1", "--",
+                     "--teacher-checkpoint", tmp_path / "no-such-teacher", *TINY)
+    name = expected_name("Pong-v5", 1)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "run(s) failed" in r.stderr and name in r.stderr
-    assert "unknown Atari env id" in (tmp_path / "runs" / "launch-logs" / f"{name}.log").read_text()
+    assert "no-such-teacher does not exist" in (tmp_path / "runs" / "launch-logs" / f"{name}.log").read_text()
+
+
+def test_launcher_refuses_an_unknown_method_before_starting_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for script, module in MODULES.items():
+        choices = method_choices(module)
+        argv = ["--script", script, "--env-ids", "Pong-v5", "--methods", "qdagger", "qdager"]
+        for mode in (["--emit-grid", "grid.txt"], ["--dry-run"], [], ["--slurm", "--slurm-cluster", "local"]):
+            if "--slurm" in mode:  # (in a process of its own: submitit binds its log handlers to the streams it finds)
+                r = run_launcher(tmp_path, *argv, *mode)
+                code, out, err = r.returncode, r.stdout, r.stderr
+            else:
+                code = launch.main([*argv, *mode])
+                out, err = capsys.readouterr()
+            assert code == 2 and out == "", (mode, out, err)
+            assert err.startswith("error: ") and err.count("\n") == 1, err  # one line
+            assert "'qdager'" in err and "did you mean qdagger?" in err and ", ".join(choices) in err, err
+            assert not (tmp_path / "grid.txt").exists() and not (tmp_path / "runs").exists()
+
+
+def test_launcher_reads_the_scripts_methods_and_flags_without_importing_them():
+    for script, module in MODULES.items():
+        info = launch.read_script_args(str(ROOT / script))
+        assert info.methods == list(method_choices(module))
+        assert info.fields == {f.name for f in dataclasses.fields(module.Args)}
+    assert launch.read_script_args(__file__) == launch.ScriptArgs()  # no Args: nothing to check against
+
+
+def test_launcher_refuses_an_unknown_env_id_before_starting_anything(tmp_path, monkeypatch, capsys):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_SCRIPT)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--script", script, "--workers", "2"], ["--script", DQN_SCRIPT, "--emit-grid", "grid.txt"]):
+        code = launch.main([*map(str, argv), "--env-ids", "Pong-v5", "Breakuot-v5", "--seeds", "1", "2"])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "", (argv, out, err)
+        assert err.startswith("error: unknown Atari env id 'Breakuot-v5' (did you mean Breakout-v5") and err.count("\n") == 1, err
+        assert "Pong-v5" not in err
+        assert not (tmp_path / "calls.jsonl").exists() and not (tmp_path / "grid.txt").exists()
+        assert not (tmp_path / "runs").exists()
+
+
+def test_launcher_refuses_unknown_flags_and_a_missing_script_or_interpreter(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (["--script", DQN_SCRIPT, "--", "--total-timestep", "5"], "unknown flag --total-timestep after --",
+         "did you mean --total-timesteps?"),
+        (["--script", DQN_SCRIPT, "--", "--no-clip-lambda", "--total_timesteps=5", "--colour", "x"], "unknown flag --colour",
+         "qdagger_dqn_atari_jax.py's Args has no such field"),
+        (["--script", tmp_path / "nope.py"], "error: --script", "nope.py not found"),
+        (["--script", DQN_SCRIPT, "--python", tmp_path / "no-python"], "error: --python", "no such interpreter"),
+    ]
+    for argv, *wanted in cases:
+        assert launch.main([*map(str, argv), "--emit-grid", "grid.txt"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("error: ") and err.count("\n") == 1, (argv, out, err)
+        assert all(w in err for w in wanted), (argv, err)
+        assert not (tmp_path / "grid.txt").exists()
 
 
 FAKE_SCRIPT = """
@@ -336,11 +394,15 @@ def test_ctrl_c_sends_each_run_one_sigterm_and_waits_for_its_checkpoint(tmp_path
     proc = start_interruptible_grid(tmp_path, "checkpoint")
     ctrl_c(proc)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1, out + err
+    assert proc.returncode == 130, out + err  # interrupted, none failed
     for seed in (1, 2):  # not SIGINT as well: a second signal makes the scripts exit without a checkpoint
         assert (tmp_path / f"signals-{seed}.txt").read_text() == "SIGTERM\n"
         assert (tmp_path / f"checkpoint-{seed}").is_file()
+        assert f"] interrupted {expected_name('Pong-v5', seed, exp='fake_train')}: exit code 130" in out
     assert not (tmp_path / "started-3").exists() and "not started" in out
+    assert "0/3 runs succeeded, 2 interrupted (resumable), 1 not started" in out
+    assert "3 run(s) interrupted or not started (not failures): relaunch with --resume" in err
+    assert "failed" not in err and "FAILED" not in out
     assert "interrupted: sent SIGTERM to 2 running run(s)" in out and "Traceback" not in err
 
 
@@ -384,17 +446,146 @@ def test_launcher_submitit_debug_cluster(tmp_path, monkeypatch):
     assert calls["1"]["env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
 
 
+# A stand-in for the scripts under submitit: on SIGTERM/SIGINT it writes a checkpoint, says so on stderr and exits 130;
+# with --resume it reads the checkpoint and finishes. Every event goes to events.jsonl (a SIGKILL leaves no "signal").
+STOPPABLE_SCRIPT = """
+import json, os, signal, sys, time
+args = sys.argv[1:]
+run = args[args.index("--run-name") + 1]
+ckpt = os.path.join("runs", run, "checkpoints")
+
+def event(**kw):
+    with open("events.jsonl", "a") as f:
+        f.write(json.dumps(kw) + "\\n")
+
+resume = "--resume" in args
+event(kind="start", resume=resume, pid=os.getpid(), task_pid=os.getppid(), usr2_ignored=signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN,
+      cuda=os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
+if resume:
+    with open(os.path.join(ckpt, "step")) as f:
+        event(kind="resumed", step=f.read())
+    sys.exit(0)
+
+def handle(signum, frame):
+    event(kind="signal", name=signal.Signals(signum).name)
+    time.sleep(0.3)  # finishing the step
+    os.makedirs(ckpt, exist_ok=True)
+    with open(os.path.join(ckpt, "step"), "w") as f:
+        f.write("42")
+    print("interrupted: checkpoint written; resume with --resume", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+signal.signal(signal.SIGTERM, handle)
+signal.signal(signal.SIGINT, handle)
+while True:
+    time.sleep(0.05)
+"""
+
+# submitit's local executor: a 9 s time limit (its timeouts are whole seconds), its signal 4 s before: the stand-in
+# has 5 s to start, and once requeued it finishes at once.
+LOCAL_TIME_LIMIT = ["--slurm", "--slurm-cluster", "local", "--slurm-time-min", "0.15", "--slurm-signal-delay-s", "4"]
+
+
+def read_events(tmp_path) -> list[dict]:
+    events = tmp_path / "events.jsonl"
+    return [json.loads(line) for line in events.read_text().splitlines()] if events.is_file() else []
+
+
+def run_stoppable_on_local_submitit(tmp_path, *argv, time_limit=LOCAL_TIME_LIMIT, while_running=None):
+    """The launcher on one run of STOPPABLE_SCRIPT with submitit's local executor; while_running(events) once the
+    run has started."""
+    script = tmp_path / "stoppable.py"
+    script.write_text(STOPPABLE_SCRIPT)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("SUBMITIT_PREEMPT_SIGNAL", None)
+    proc = subprocess.Popen([sys.executable, str(LAUNCH), "--script", str(script), "--env-ids", "Pong-v5", "--seeds", "1",
+                             *time_limit, *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if while_running:
+            deadline = time.monotonic() + 120
+            while not read_events(tmp_path):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.05)
+            while_running(read_events(tmp_path))
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    task_logs = "".join(p.read_text() for p in sorted((tmp_path / "runs" / "launch-logs" / "submitit").glob("*_log.err")))
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), read_events(tmp_path), task_logs
+
+
+def test_submitit_time_limit_stops_the_run_with_a_checkpoint_and_requeues_it(tmp_path):
+    pytest.importorskip("submitit")  # (a dev dependency)
+    r, events, task_logs = run_stoppable_on_local_submitit(tmp_path)
+    name = expected_name("Pong-v5", 1, exp="stoppable")
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr + task_logs
+    # One SIGTERM (not submitit's SIGUSR2, which the run ignores, nor a SIGKILL), a checkpoint, then the requeued
+    # task resumed the run with --resume and it finished.
+    assert [e["kind"] for e in events] == ["start", "signal", "start", "resumed"], events
+    assert events[1]["name"] == "SIGTERM" and not events[0]["resume"] and events[2]["resume"]
+    assert events[3]["step"] == "42" and (tmp_path / "runs" / name / "checkpoints" / "step").is_file()
+    assert all(e["usr2_ignored"] for e in events if e["kind"] == "start")
+    assert {e["cuda"] for e in events if e["kind"] == "start"} == {"3"}  # the launcher's GPUs, not the controller's ""
+    assert f"[1/1] ok {name}: exit code 0 after" in out and "requeued 1 time(s)" in out
+    assert "1/1 runs succeeded" in out and "failed" not in r.stderr.lower() and "Traceback" not in r.stderr
+    assert f"SIGUSR2 from submitit (time limit or preemption): sent SIGTERM to {name}" in task_logs
+    assert "interrupted: checkpoint written" in task_logs and "asking submitit to requeue its task" in task_logs
+    assert "UncompletedJobError" not in task_logs
+
+
+def test_submitit_task_that_cannot_be_requeued_says_how_to_resume(tmp_path):
+    pytest.importorskip("submitit")
+    r, events, task_logs = run_stoppable_on_local_submitit(tmp_path, "--slurm-max-requeues", "0")
+    name = expected_name("Pong-v5", 1, exp="stoppable")
+    out = r.stdout
+    assert r.returncode == 130, out + r.stderr + task_logs  # interrupted, not failed
+    assert [(e["kind"], e.get("name")) for e in events] == [("start", None), ("signal", "SIGTERM")], events
+    assert (tmp_path / "runs" / name / "checkpoints" / "step").is_file()
+    assert f"[1/1] interrupted {name}: exit code 130 after" in out and "stopped with a checkpoint and not requeued" in out
+    assert "0/1 runs succeeded, 1 interrupted (resumable), total" in out and "requeued 1" not in out
+    assert "1 run(s) interrupted or not started (not failures): rerun the same launch command" in r.stderr
+    assert "failed" not in r.stderr and "Traceback" not in r.stderr
+    assert (f"interrupted: {name} stopped at the time limit or a preemption with a checkpoint, but was not requeued "
+            "(UncompletedJobError: Job not requeued because: timed-out too many times.)") in task_logs
+    assert f"--run-name {name} --resume" in task_logs
+    # What it says: the same command resumes the run (its task adds --resume).
+    r, events, _ = run_stoppable_on_local_submitit(tmp_path, "--slurm-max-requeues", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [e["kind"] for e in events[2:]] == ["start", "resumed"] and events[2]["resume"]
+
+
+def test_submitit_task_reports_a_sigterm_to_its_job_step_as_interrupted(tmp_path):
+    pytest.importorskip("submitit")
+
+    def sigterm_the_job_step(events):  # as SLURM at a preemption or scancel: every process of the step, once
+        time.sleep(0.3)  # (the stand-in's handlers are set just after its first event)
+        os.kill(events[0]["task_pid"], signal.SIGTERM)
+        os.kill(events[0]["pid"], signal.SIGTERM)
+
+    r, events, task_logs = run_stoppable_on_local_submitit(tmp_path, time_limit=["--slurm", "--slurm-cluster", "local"],
+                                                           while_running=sigterm_the_job_step)
+    name = expected_name("Pong-v5", 1, exp="stoppable")
+    assert r.returncode == 130, r.stdout + r.stderr + task_logs
+    assert [(e["kind"], e.get("name")) for e in events] == [("start", None), ("signal", "SIGTERM")], events  # no 2nd
+    assert f"[1/1] interrupted {name}: exit code 130" in r.stdout and "failed" not in r.stderr
+    assert f"interrupted: {name} and its task got a SIGTERM" in task_logs and "Traceback" not in task_logs
+
+
 def test_launcher_refuses_grid_flags_after_dashes(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         launch.main(["--script", str(DQN_SCRIPT), "--", "--seed=3"])
     assert e.value.code == 2 and "--seed" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("submitit") is not None, reason="submitit is installed")
 def test_slurm_without_submitit_says_how_to_install(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "submitit", None)  # `import submitit` raises ImportError, installed or not
     assert launch.main(["--script", str(DQN_SCRIPT), "--slurm"]) == 2
-    assert "pip install submitit" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: --slurm needs the submitit package: pip install submitit"), err
+    assert not (tmp_path / "runs").exists()
 
 
 # ----------------------------------------------------------------------------
