@@ -1,7 +1,10 @@
 """Speed and memory figures, printed (not asserted): `python reincarnate_utils/benchmark.py --help`.
 
 throughput: in one process and one run, the machine's limits for this
-configuration and the scripts' own speed, and their ratios:
+configuration and the scripts' own speed (the measured rates), and the figures
+derived from them. `--json` prints every figure at full precision (the
+derived ones are derived_figures() of the measured ones printed beside them);
+the table rounds them.
   limits   env_only_sps        envpool alone (Dopamine settings, random actions)
            update_single_per_s the script's jitted update, one call per update, inputs on the device
            update_fused_per_s  K updates in one lax.scan over device-resident batches
@@ -9,17 +12,25 @@ configuration and the scripts' own speed, and their ratios:
            student_act_per_s   the same for the student (the act of the online phase)
   phases   teacher_collect_sps, offline_updates_per_s, online_sps: the script's main() on Breakout-v5 with
            the fixture teacher, each phase's steady-state rate as the script reports it (after its first,
-           compiling call; evaluations excluded; online while learning)
-  ratios   collect_vs_limit = teacher_collect_sps / env_only_sps
-           offline_vs_limit = offline_updates_per_s / update_fused_per_s
-           online_vs_limit  = online_sps / min(env_only_sps, train_frequency * update_fused_per_s)
-  bounds   estimates of what a loop that acts once per vector step can reach: the act's round trip and the envs'
-           step are serial (the actions of a step need its observations), whatever else overlaps them; the round
-           trip is timed alone, so a loop can pass its bound by a little (the roll-out did on an H100 VM, 1.14):
-           collect_serial_bound_sps = num_envs / (num_envs / env_only_sps + 1 / teacher_act_per_s)
-           online_serial_bound_sps  = min(num_envs / (num_envs / env_only_sps + 1 / student_act_per_s),
-                                          train_frequency * update_fused_per_s)
-           collect_vs_serial_bound, online_vs_serial_bound: the phases' rates over them
+           compiling call; evaluations excluded; online while learning). A phase too short to time anything
+           after that call has no rate: the budget is checked before anything is measured.
+  derived  (derived_figures; N = num_envs, F = the script's train_frequency, and the paper's budget
+           O = its default offline_steps, T = its default total_timesteps, printed as paper_*_steps)
+           collect_vs_limit         = teacher_collect_sps / env_only_sps
+           offline_vs_limit         = offline_updates_per_s / update_fused_per_s
+           online_vs_limit          = online_sps / min(env_only_sps, F * update_fused_per_s)
+           collect_serial_bound_sps = N / (N / env_only_sps + 1 / teacher_act_per_s)
+           online_serial_bound_sps  = min(N / (N / env_only_sps + 1 / student_act_per_s), F * update_fused_per_s)
+           collect_vs_serial_bound  = teacher_collect_sps / collect_serial_bound_sps
+           online_vs_serial_bound   = online_sps / online_serial_bound_sps
+           paper_budget_minutes     = (O / offline_updates_per_s + T / online_sps) / 60
+           The serial bounds estimate what a loop that acts once per vector step can reach: the act's round
+           trip and the envs' step are serial (the actions of a step need its observations), whatever else
+           overlaps them. The round trip is timed alone, so a loop can pass its bound by a little (the
+           roll-out did on an H100 VM, 1.14).
+  sizes    bytes_per_transition, teacher_bytes_per_transition: the student's and the teacher data's replay
+           bytes per row (frame, action, reward, flags, episode step, the teacher's Q; Rainbow's student
+           adds its sum tree); peak_rss_gib: the benchmark's peak resident memory.
 Each limit is measured alone, with the whole machine. On a CPU the envs and XLA
 then share the same cores during training, so the online limit (which assumes
 perfect overlap) cannot be reached there.
@@ -38,6 +49,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import re
 import resource
 import statistics
@@ -104,6 +116,46 @@ class Throughput:
     """print the figures as one JSON object"""
 
 
+MEASURED = ("env_only_sps", "teacher_act_per_s", "student_act_per_s", "update_single_per_s", "update_fused_per_s",  # limits
+            "teacher_collect_sps", "offline_updates_per_s", "online_sps")  # phases
+"""the measured rates, the inputs of derived_figures"""
+
+
+def derived_figures(m: dict, *, num_envs: int, train_frequency: int, paper_offline_steps: int, paper_online_steps: int) -> dict:
+    """The derived figures of the measured rates `m` (the keys of MEASURED), by the formulas in this module's docstring.
+    Pure and unrounded: the rates must be positive and finite (throughput() checks them)."""
+    env_step = num_envs / m["env_only_sps"]  # seconds per vector step of the envs alone
+    learn_bound = train_frequency * m["update_fused_per_s"]  # agent steps/s the fused updates allow
+    d = {
+        "collect_vs_limit": m["teacher_collect_sps"] / m["env_only_sps"],
+        "offline_vs_limit": m["offline_updates_per_s"] / m["update_fused_per_s"],
+        "online_vs_limit": m["online_sps"] / min(m["env_only_sps"], learn_bound),
+        "collect_serial_bound_sps": num_envs / (env_step + 1 / m["teacher_act_per_s"]),
+        "online_serial_bound_sps": min(num_envs / (env_step + 1 / m["student_act_per_s"]), learn_bound),
+    }
+    d["collect_vs_serial_bound"] = m["teacher_collect_sps"] / d["collect_serial_bound_sps"]
+    d["online_vs_serial_bound"] = m["online_sps"] / d["online_serial_bound_sps"]
+    d["paper_budget_minutes"] = (paper_offline_steps / m["offline_updates_per_s"] + paper_online_steps / m["online_sps"]) / 60
+    return d
+
+
+def budget_errors(cfg: "Throughput", updates_per_call: int, train_frequency: int) -> list[str]:
+    """Why a phase of this budget would have no steady-state rate (the script reports none, NaN, when nothing was
+    timed after a phase's first, compiling call); empty when each phase times at least one call after it."""
+    n, errors = cfg.num_envs, []
+    if cfg.teacher_steps < 3 * n:  # the roll-out's rate starts after two vector steps (they compile act and add)
+        errors.append(f"--teacher-steps {cfg.teacher_steps} < 3 x --num-envs = {3 * n}")
+    if cfg.offline_steps <= updates_per_call:  # the offline rate starts after the first call of K updates
+        errors.append(f"--offline-steps {cfg.offline_steps} <= the updates per call K = {updates_per_call}")
+    # The online rate starts when the first vector step with an update due (one of the first F agent steps after
+    # learning starts) has learned: later steps must follow it.
+    online_min = cfg.learning_starts + train_frequency + 2 * n
+    if cfg.total_timesteps < online_min:
+        errors.append(f"--total-timesteps {cfg.total_timesteps} < --learning-starts + train_frequency {train_frequency} + 2 x --num-envs "
+                      f"= {online_min}")
+    return errors
+
+
 def _timed(fn, seconds: float, per_call: int = 1) -> float:
     """Units per second of repeated fn() calls (after one warm-up call); fn returns something to block on."""
     import jax
@@ -118,7 +170,7 @@ def _timed(fn, seconds: float, per_call: int = 1) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _limits(cfg: Throughput, script, teacher_params) -> dict:
+def _limits(cfg: Throughput, script, teacher_params, K: int) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -159,7 +211,7 @@ def _limits(cfg: Throughput, script, teacher_params) -> dict:
         out[f"{who}_act_per_s"] = _timed(act_once, cfg.limit_seconds)
 
     # The update alone: the script's own update function on device-resident batches.
-    B, K = args.batch_size, cfg.updates_per_call or (8 if script.on_cpu() else 100)
+    B = args.batch_size
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=1.5e-4)
     state = script.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
     batches = script.Batch(
@@ -193,10 +245,10 @@ def _limits(cfg: Throughput, script, teacher_params) -> dict:
     return out
 
 
-def _phases(cfg: Throughput, script, teacher: Path) -> dict:
+def _phases(cfg: Throughput, script, teacher: Path, K: int) -> dict:
     flags = ["--env-id", "Breakout-v5", "--teacher-checkpoint", str(teacher), "--num-envs", str(cfg.num_envs), "--network", cfg.network,
              "--teacher-steps", str(cfg.teacher_steps), "--offline-steps", str(cfg.offline_steps),
-             *(["--updates-per-call", str(cfg.updates_per_call)] if cfg.updates_per_call else []),
+             "--updates-per-call", str(K),
              "--offline-eval-frequency", "0", "--total-timesteps", str(cfg.total_timesteps), "--learning-starts", str(cfg.learning_starts),
              "--buffer-size", str(max(cfg.total_timesteps, cfg.learning_starts) + 64 * cfg.num_envs), "--eval-frequency", str(10**9),
              "--eval-steps", "400", "--max-episode-steps", "400", "--eval-num-envs", str(cfg.num_envs)]
@@ -204,19 +256,38 @@ def _phases(cfg: Throughput, script, teacher: Path) -> dict:
     out = io.StringIO()
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp), contextlib.redirect_stdout(out):
         script.main(args)
-    text = out.getvalue()
-    patterns = {
-        "teacher_collect_sps": r"\(b\).*\[([\d.]+) agent steps/s",
-        "offline_updates_per_s": r"\(c\) offline:.*\[([\d.]+) updates/s",
-        "online_sps": r"\(d\) online:.*\[([\d.]+) agent steps/s",
-    }
+    return phase_rates(out.getvalue())
+
+
+_PHASE_PATTERNS = {  # each phase's summary line in the script's output, and the flag that sets the phase's length
+    "teacher_collect_sps": (r"\(b\).*\[(\S+) agent steps/s", "--teacher-steps"),
+    "offline_updates_per_s": (r"\(c\) offline:.*\[(\S+) updates/s", "--offline-steps"),
+    "online_sps": (r"\(d\) online:.*\[(\S+) agent steps/s", "--total-timesteps"),
+}
+
+
+def phase_rates(text: str) -> dict:
+    """The phases' rates in the script's output; an error names the phase whose rate is missing, not a positive
+    number (NaN: nothing was timed after its first call) or not finite."""
     got = {}
-    for k, p in patterns.items():
-        m = re.search(p, text)
+    for k, (pattern, flag) in _PHASE_PATTERNS.items():
+        m = re.search(pattern, text)
         if not m:
             raise SystemExit(f"error: no {k} in the script's output:\n{text[-2000:]}")
-        got[k] = float(m[1])
+        try:
+            got[k] = float(m[1])
+        except ValueError:
+            got[k] = math.nan
+        if not (math.isfinite(got[k]) and got[k] > 0):
+            raise SystemExit(f"error: the script reports {k} = {m[1]}, not a positive rate (NaN: the phase timed nothing after its "
+                             f"first, compiling call); raise {flag}")
     return got
+
+
+def _display(key: str, value) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.3f}" if "_vs_" in key else f"{value:.2f}" if key == "peak_rss_gib" else f"{value:.1f}"
 
 
 def throughput(cfg: Throughput) -> None:
@@ -226,38 +297,33 @@ def throughput(cfg: Throughput) -> None:
     import qdagger_rainbow_atari_jax as rainbow
 
     script = rainbow if cfg.algo == "rainbow" else dqn
-    args = script.Args(network=cfg.network, num_envs=cfg.num_envs)
+    args = script.Args(network=cfg.network, num_envs=cfg.num_envs)  # the paper's settings: the budget and train_frequency
+    K = cfg.updates_per_call or (8 if script.on_cpu() else 100)
+    if errors := budget_errors(cfg, K, args.train_frequency):
+        raise SystemExit("error: a phase would time nothing after its first, compiling call: " + "; ".join(errors))
     device = jax.devices()[0]
     with tempfile.TemporaryDirectory() as tmp:
         teacher = _fixture("teacher_tf", Path(tmp))
         teacher_params = jax.device_put(tu.load_teacher(teacher, num_actions=4).params)
-        limits = _limits(cfg, script, teacher_params)
-        phases = _phases(cfg, script, teacher)
+        measured = {**_limits(cfg, script, teacher_params, K), **_phases(cfg, script, teacher, K)}
+    for k, v in measured.items():  # the limits are timed over at least one call, the phases checked by phase_rates
+        assert math.isfinite(v) and v > 0, (k, v)
+    config = {"algo": cfg.algo, "network": cfg.network, "num_envs": cfg.num_envs, "updates_per_call": K,
+              "device": f"{device.platform}: {device.device_kind}", "train_frequency": args.train_frequency,
+              "paper_offline_steps": args.offline_steps, "paper_online_steps": args.total_timesteps}
+    derived = derived_figures(measured, num_envs=cfg.num_envs, train_frequency=args.train_frequency,
+                              paper_offline_steps=args.offline_steps, paper_online_steps=args.total_timesteps)
     rows = -(-args.buffer_size // cfg.num_envs) * cfg.num_envs
-    env_step = cfg.num_envs / limits["env_only_sps"]  # seconds per vector step of the envs alone
-    bounds = {"collect": cfg.num_envs / (env_step + 1 / limits["teacher_act_per_s"]),
-              "online": min(cfg.num_envs / (env_step + 1 / limits["student_act_per_s"]), args.train_frequency * limits["update_fused_per_s"])}
     # The student's replay caches the teacher's Q (4 actions in Breakout) while distillation is on.
     online_bytes = script.replay_bytes([rows], 4, prioritized=True) if cfg.algo == "rainbow" else script.replay_bytes([rows], 4)
-    result = {
-        "algo": cfg.algo, "network": cfg.network, "num_envs": cfg.num_envs, "updates_per_call": cfg.updates_per_call or (8 if script.on_cpu() else 100),
-        "device": f"{device.platform}: {device.device_kind}", **{k: round(v, 1) for k, v in {**limits, **phases}.items()},
-        "collect_vs_limit": round(phases["teacher_collect_sps"] / limits["env_only_sps"], 3),
-        "offline_vs_limit": round(phases["offline_updates_per_s"] / limits["update_fused_per_s"], 3),
-        "online_vs_limit": round(phases["online_sps"] / min(limits["env_only_sps"], args.train_frequency * limits["update_fused_per_s"]), 3),
-        **{f"{phase}_serial_bound_sps": round(bound, 1) for phase, bound in bounds.items()},
-        "collect_vs_serial_bound": round(phases["teacher_collect_sps"] / bounds["collect"], 3),
-        "online_vs_serial_bound": round(phases["online_sps"] / bounds["online"], 3),
-        "bytes_per_transition": round(online_bytes / rows, 1),
-        "teacher_bytes_per_transition": round(script.replay_bytes([rows], 4) / rows, 1),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "paper_budget_minutes": round((1_000_000 / phases["offline_updates_per_s"] + args.total_timesteps / phases["online_sps"]) / 60, 1),
-    }
+    sizes = {"bytes_per_transition": online_bytes / rows, "teacher_bytes_per_transition": script.replay_bytes([rows], 4) / rows,
+             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    result = {**config, **measured, **derived, **sizes}
     if cfg.json:
         print(json.dumps(result))
         return
     for k, v in result.items():
-        print(f"{k:<30} {v}")
+        print(f"{k:<30} {_display(k, v)}")
 
 
 # ----------------------------------------------------------------------------
