@@ -107,7 +107,7 @@ class Args:
 
     # Method (README "Methods"): sets what differs from QDagger; flags passed explicitly still win
     method: Literal["qdagger", "tabula-rasa", "kickstarting", "pretrain", "dagger", "ql-dagger", "jsrl", "dqfd", "rehearsal", "finetune"] = "qdagger"
-    """qdagger: offline distillation then online QDagger (distillation_rainbow.gin). tabula-rasa: no teacher, the student's own Dopamine config (full_rainbow.gin: noisy, dueling, double DQN, lr 6.25e-5). kickstarting: no offline phase, online distillation with the lambda decay. pretrain: offline TD + CQL on the teacher data (n = 1), then online TD with a fresh Adam at lr 1e-5 (pretrained_dqn.gin). dagger: distillation only, lambda = 1 and lr 1e-4 constant; ql-dagger: TD + c * distillation, lambda = 1 constant (distillation_rainbow_agent.py MethodType). jsrl: a guide policy (the teacher) in the student's episodes, its share decaying over 2.5M steps (lols_dqn.gin). dqfd: TD + a large-margin loss toward the teacher's greedy action, offline then online decayed like lambda (margin_dqn.gin). rehearsal: qdagger with --rehearsal-ratio of every online batch from the teacher data. finetune: the student starts from the teacher's own weights and continues with TD at lr 1e-5 (reloaded_dqn.gin)"""
+    """qdagger: offline distillation then online QDagger (distillation_rainbow.gin). tabula-rasa: no teacher, the student's own Dopamine config (full_rainbow.gin: noisy, dueling, double DQN, lr 6.25e-5). kickstarting: no offline phase, online distillation with the lambda decay. pretrain: offline TD + CQL on the teacher data, then online TD with a fresh Adam at lr 1e-5 (pretrained_dqn.gin). dagger: distillation only, lambda = 1 and lr 1e-4 constant; ql-dagger: TD + c * distillation, lambda = 1 constant (distillation_rainbow_agent.py MethodType). jsrl: a guide policy (the teacher) in the student's episodes, its share decaying over 2.5M steps (lols_dqn.gin). dqfd: TD + a large-margin loss toward the teacher's greedy action, weight c offline and lambda^2 * c online (margin_dqn.gin, margin_dqn_agent.py, decay period 1.5M). rehearsal: qdagger with --rehearsal-ratio of every online batch from the teacher data. finetune: the student and its target network start from the teacher's own (its online and target weights) and continue with TD at lr 6.25e-5 for 30 iterations (7.5M agent steps; reloaded_dqn.gin at 3eb419c)"""
 
     # Environment
     env_id: str = "Breakout-v5"
@@ -150,8 +150,8 @@ class Args:
     """a constant online Adam learning rate instead of lr = lambda * learning_rate + (1 - lambda) * end_learning_rate (set by tabula-rasa, pretrain, jsrl, dqfd, finetune)"""
     reset_optimizer_online: bool = False
     """start the online phase with a fresh Adam state (pretrain)"""
-    offline_acting: bool = True
-    """during the offline phase the student also plays one agent step per offline update (epsilon-greedy, epsilon over the offline updates) into its own replay, so the online phase starts with that replay and learns from its first step: the reference runs its offline iterations through Dopamine's training loop (run_experiment.py PersistentRunner; pretrain's OfflinePretrainingRunner does not act); --no-offline-acting: the offline phase uses the teacher data only and the online replay starts empty"""
+    offline_acting: bool = False
+    """also let the student play one agent step per offline update (epsilon-greedy, epsilon counting the offline updates) into its own replay, so the online phase starts with that replay (learning starts count its steps) and 1M extra agent steps are spent outside the online budget. Off by default, as the reference: train.py runs every method with an offline phase through OfflinePretrainingRunner, whose offline iterations only call agent._train_step() (run_experiment.py _run_pretrain_phase); PersistentRunner, which acts offline, runs only reloaded_dqn and lols_dqn, which have no offline phase. A deviation for studying how much the offline phase gains from the student's own data"""
     init_from_teacher: bool = False
     """initialise the student with the teacher's weights; the teacher must have the student's architecture (finetune)"""
     cql_coef: float = 0.0
@@ -159,7 +159,7 @@ class Args:
     cql_temperature: float = 0.1
     """temperature of the CQL term (pretrained_dqn.gin: 0.1)"""
     margin_coef: float = 0.0
-    """weight of the large-margin loss toward the teacher's greedy action, times lambda (dqfd: 1.0)"""
+    """weight c of the large-margin loss toward the teacher's greedy action: c offline, lambda^2 * c online (dqfd: 1.0; margin_dqn_agent.py applies its decay twice)"""
     margin: float = 1.0
     """the margin of the large-margin loss (margin_dqn.gin: 1.0)"""
     rehearsal_ratio: float = 0.0
@@ -225,7 +225,7 @@ class Args:
     epsilon_warmup_steps: int = 0
     """online agent steps at start_e before epsilon starts to decay (Dopamine's linearly_decaying_epsilon warm-up; tabula-rasa: 20,000)"""
     learning_starts: int = 20_000
-    """online agent steps collected before the student starts learning"""
+    """the student learns once its replay holds more than this many agent steps (Dopamine's min_replay_history): the first online update comes after this many online agent steps (plus the offline ones with --offline-acting)"""
     train_frequency: int = 4
     """agent steps per gradient update (in total over all envs)"""
 
@@ -711,6 +711,34 @@ def distill_lambda_update(lam: float, student_return: float | None, teacher_retu
     return (min(lam, 1.0) if clip else lam), ""
 
 
+def train_steps_due(steps_before: int, steps_after: int, offline_updates: int, replay_before: int, learning_starts: int,
+                    every: int) -> int:
+    """How many of the reference's training steps that update (every = train_frequency) or sync the target (every =
+    target_network_frequency) fall due once agent steps up to steps_after - 1 (counted from 0) are stored: those that
+    precede agent steps steps_before + 1 .. steps_after. Dopamine's agent runs one training step before each action
+    (begin_episode and step call _train_step, then select_action); the one before agent step t sees replay_before + t
+    stored transitions (the student's offline steps, if it acted, then its online ones) and the counter
+    training_steps = offline_updates + t (one per offline update, as the reference counts them), and it acts when that
+    counter is a multiple of `every` and the replay holds more than learning_starts (min_replay_history) transitions
+    (distillation_dqn_agent.training_step)."""
+    first = max(steps_before + 1, learning_starts - replay_before + 1)
+    if steps_after < first:
+        return 0
+    return (offline_updates + steps_after) // every - (offline_updates + first - 1) // every
+
+
+def online_epsilon(args: "Args", offline_updates: int, agent_step: int) -> float:
+    """Epsilon of the online action at agent_step (counted from 0): the reference's epsilon_fn of its training_steps
+    after the training step that precedes the action (Dopamine's begin_episode and step run _train_step, then
+    select_action), offline updates included: offline_updates + agent_step + 1. Dopamine's linearly_decaying_epsilon
+    (start_e for the warm-up, then linear over epsilon_decay_steps); the reference's persistence variant has no
+    warm-up (epsilon_warmup_steps 0). Noisy nets explore by their noise: end_e (Dopamine 4.0.6's identity_epsilon)."""
+    if args.noisy:
+        return args.end_e
+    steps = offline_updates + agent_step + 1
+    return linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, max(steps - args.epsilon_warmup_steps, 0))
+
+
 def lambda_learning_rate(lam: float, start_lr: float, end_lr: float) -> float:
     """lr = lambda * start_lr + (1 - lambda) * end_lr."""
     return lam * start_lr + (1.0 - lam) * end_lr
@@ -835,6 +863,14 @@ class Coefs(NamedTuple):
 
 def coefs(td: float, distill: float, lr: float, cql: float = 0.0, margin: float = 0.0) -> Coefs:
     return Coefs(jnp.float32(td), jnp.float32(distill), jnp.float32(cql), jnp.float32(margin), jnp.float32(lr))
+
+
+def phase_coefs(args: Args, lam: float, lr: float, offline: bool) -> Coefs:
+    """A phase's loss weights: TD; lambda * c for distillation; CQL offline only (pretrained_dqn_agent.py); the
+    margin weight c offline (lambda = 1) and lambda^2 * c online: margin_dqn_agent.py passes margin_coefficient *
+    loss_decay to a loss that multiplies its regulariser by loss_decay again."""
+    return coefs(args.td_coef, lam * args.distill_coef, lr, cql=args.cql_coef if offline else 0.0,
+                 margin=lam * args.margin_coef if offline else lam * lam * args.margin_coef)
 
 
 def sync_target(state: QState, now) -> QState:
@@ -1182,14 +1218,14 @@ METHODS: dict[str, dict] = {
     "tabula-rasa": dict(offline_steps=0, distill_coef=0.0, noisy=True, dueling=True, double_dqn=True, online_learning_rate=6.25e-5,
                         epsilon_decay_steps=250_000, epsilon_warmup_steps=20_000),  # Dopamine's jax/agents/full_rainbow/configs/full_rainbow.gin
     "kickstarting": dict(offline_steps=0),
-    "pretrain": dict(distill_coef=0.0, cql_coef=1.0, online_learning_rate=1e-5, reset_optimizer_online=True,
-                     offline_acting=False),  # pretrained_dqn.gin's recipe, OfflinePretrainingRunner
+    "pretrain": dict(distill_coef=0.0, cql_coef=1.0, online_learning_rate=1e-5, reset_optimizer_online=True),  # pretrained_dqn.gin's recipe
     "dagger": dict(td_coef=0.0, decay_lambda=False),  # distillation_rainbow_agent.py MethodType.DAGGER
     "ql-dagger": dict(decay_lambda=False),  # MethodType.QL_PLUS_DAGGER
     "jsrl": dict(offline_steps=0, distill_coef=0.0, online_learning_rate=6.25e-5, eval_frequency=125_000),  # lols_dqn.gin's recipe
-    "dqfd": dict(distill_coef=0.0, margin_coef=1.0, online_learning_rate=1e-4),  # margin_dqn.gin's recipe
+    "dqfd": dict(distill_coef=0.0, margin_coef=1.0, online_learning_rate=1e-4, distill_decay_period=1_500_000),  # margin_dqn.gin's recipe
     "rehearsal": dict(rehearsal_ratio=0.25),
-    "finetune": dict(offline_steps=0, distill_coef=0.0, online_learning_rate=1e-5, init_from_teacher=True, start_e=0.01),  # reloaded_dqn.gin's recipe
+    "finetune": dict(offline_steps=0, distill_coef=0.0, online_learning_rate=6.25e-5, init_from_teacher=True, start_e=0.01,
+                     total_timesteps=7_500_000),  # reloaded_dqn.gin's recipe (3eb419c)
 }
 
 # Flags that do not change what is learned: a resumed run may change them; every other flag must match.
@@ -1374,6 +1410,7 @@ def main(args: Args) -> None:
     support = make_support(args)
     student = make_student(args, num_actions)
     student_params = student.init(student_key, np.zeros((1, 4, 84, 84), np.uint8))
+    target_params = student_params
     if args.init_from_teacher:  # fine-tuning: the student starts as the teacher
         shapes = lambda tree: jax.tree.map(np.shape, flax.core.unfreeze(tree))  # noqa: E731
         if shapes(teacher_ckpt.params) != shapes(student_params):
@@ -1381,13 +1418,16 @@ def main(args: Args) -> None:
                               f"{teacher_ckpt.architecture}, the student a Rainbow --network {args.network}: pass a Rainbow run "
                               f"of this script with the same network flags, or another --method")
         student_params = jax.tree.map(jnp.array, teacher_ckpt.params)
+        # The teacher's own target network too, where its checkpoint holds one (ReloadedDQNAgent.reload_checkpoint).
+        target_params = jax.tree.map(jnp.array, teacher_ckpt.target_params or teacher_ckpt.params)
         probe = np.random.default_rng(0).integers(0, 256, (8, 4, 84, 84), np.uint8)
         gap = float(jnp.abs(expected_q(student.apply(student_params, probe), support) - teacher_q_fn(teacher_params, probe)).max())
-        print(f"student initialised from the teacher: max |Q_student - Q_teacher| on 8 states = {gap:g}")
+        print(f"student initialised from the teacher: max |Q_student - Q_teacher| on 8 states = {gap:g}; its target network from the "
+              f"teacher's {'target network' if teacher_ckpt.target_params else 'weights (the teacher has no target network)'}")
     optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(args.learning_rate, np.float32),
                                                      eps=args.adam_eps)  # a strong float32: a weak type would recompile the jitted steps once
     # A separate target copy: the jitted steps donate the state, and one buffer cannot be donated twice.
-    state = jax.device_put(QState.create(apply_fn=student.apply, params=student_params, target_params=jax.tree.map(jnp.copy, student_params),
+    state = jax.device_put(QState.create(apply_fn=student.apply, params=student_params, target_params=jax.tree.map(jnp.copy, target_params),
                                          tx=optimizer), compute_device)
     learner = make_learner(args, student, support, num_actions, teacher_q_fn)
     # The learning calls are launched by this one-thread pool, the launcher: on a GPU a launch holds the thread that
@@ -1567,7 +1607,7 @@ def main(args: Args) -> None:
         lam = 1.0
         rb, offline_acted = None, 0
         if phase == "offline":
-            offline_coefs = coefs(args.td_coef, lam * args.distill_coef, args.learning_rate, cql=args.cql_coef, margin=lam * args.margin_coef)
+            offline_coefs = phase_coefs(args, lam, args.learning_rate, offline=True)
             step, next_eval, offline_rate = progress["step"], progress["next_eval"], SteadyRate()
             k_static = min(args.updates_per_call or (8 if on_cpu() else 100), max(args.offline_steps, 1))
             ckpt_every = args.checkpoint_frequency or args.offline_eval_frequency or 100_000
@@ -1634,7 +1674,7 @@ def main(args: Args) -> None:
                     if acting:
                         n = min(k_static, args.offline_steps - step)  # one update per agent step, as the reference
                         # epsilon over the offline updates without a warm-up; noisy nets: end_e (identity_epsilon)
-                        epsilon = args.end_e if args.noisy else linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, offline_acted)
+                        epsilon = args.end_e if args.noisy else linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps, offline_acted + 1)
                         actions_dev, _, key = act_student(state.params, act_obs_dev, key, epsilon)
                         actions = np.asarray(actions_dev)
                         act_envs.send(actions)  # the updates below are launched while the emulators step
@@ -1693,11 +1733,7 @@ def main(args: Args) -> None:
                 state = sync_target(state, True)
             if args.reset_optimizer_online:  # pretraining's online phase starts a fresh Adam
                 state = state.replace(opt_state=state.tx.init(state.params))
-            # Dopamine syncs the target when its step counter (the replay's agent steps) is a multiple of the period, the
-            # first time after learning starts.
-            tnf = args.target_network_frequency
-            first_sync = (max(args.learning_starts, offline_acted) // tnf + 1) * tnf - offline_acted
-            phase, progress = "online", dict(global_step=0, updates=0, update_credit=0, next_target_sync=first_sync,
+            phase, progress = "online", dict(global_step=0, updates=0,
                                              next_eval=args.eval_frequency, lam=lam, max_roll_in=args.jsrl_max_roll_in_steps, teacher_actions=0, acted=0,
                                              offline_acted=offline_acted)
             if offline:
@@ -1708,8 +1744,8 @@ def main(args: Args) -> None:
         # (d) Online phase
         if phase in ("online", "final"):
             p = progress
-            lam, global_step, updates, update_credit = p["lam"], p["global_step"], p["updates"], int(p["update_credit"])
-            next_target_sync, next_eval, max_roll_in = p["next_target_sync"], p["next_eval"], p["max_roll_in"]
+            lam, global_step, updates = p["lam"], p["global_step"], p["updates"]
+            next_eval, max_roll_in = p["next_eval"], p["max_roll_in"]
             teacher_actions, acted, student_return = p["teacher_actions"], p["acted"], p.get("student_return")
             offline_acted = p.get("offline_acted", 0)  # the student's own steps already in its replay (--offline-acting)
             lr = online_schedule(args, lam, None, None, random_return, 0)[1]
@@ -1740,7 +1776,7 @@ def main(args: Args) -> None:
                 """The loss weights and lr as device scalars, made again only when lambda or lr change."""
                 if (lam, lr) not in online_coefs:
                     online_coefs.clear()
-                    online_coefs[lam, lr] = coefs(args.td_coef, lam * args.distill_coef, lr, margin=lam * args.margin_coef)
+                    online_coefs[lam, lr] = phase_coefs(args, lam, lr, offline=False)
                 return online_coefs[lam, lr]
 
             if p.get("pending_updates") is not None:
@@ -1803,7 +1839,7 @@ def main(args: Args) -> None:
             def online_progress() -> dict:
                 """Updates `progress` and returns the arrays of a checkpoint of this phase."""
                 nonlocal progress
-                progress = dict(global_step=global_step, updates=updates, update_credit=update_credit, next_target_sync=next_target_sync,
+                progress = dict(global_step=global_step, updates=updates,
                                 next_eval=next_eval, lam=lam, max_roll_in=max_roll_in, teacher_actions=teacher_actions, acted=acted,
                                 jsrl_rng=jsrl_rng.bit_generator.state, student_return=student_return,  # G_S of the last evaluation
                                 pending_updates=pending[1] if pending else None, pending_sync=pending[2] if pending else None,
@@ -1866,10 +1902,7 @@ def main(args: Args) -> None:
             bar = tqdm(total=args.total_timesteps, initial=global_step, desc="online", file=sys.stderr, mininterval=2.0)
             offline_updates = args.offline_steps if offline else 0
             while global_step < args.total_timesteps:
-                # Epsilon counts the offline updates as training steps, as the reference's schedule does (Dopamine's warm-up too);
-                # noisy nets explore by their noise with epsilon = end_e (Dopamine 4.0.6's identity_epsilon).
-                epsilon = args.end_e if args.noisy else linear_schedule(args.start_e, args.end_e, args.epsilon_decay_steps,
-                                                                        max(global_step + offline_updates - args.epsilon_warmup_steps, 0))
+                epsilon = online_epsilon(args, offline_updates, global_step)
                 if pending is not None and not args.overlap_env:
                     learn()
                 if jsrl:  # the teacher acts in the roll-in (with --jsrl-roll-in-guide) and, after it, with a decaying probability
@@ -1912,15 +1945,9 @@ def main(args: Args) -> None:
                     roll_in[done] = jsrl_rng.integers(0, max(max_roll_in, 1), int(done.sum())) + 1 if max_roll_in > 0 else 0
                 resetting = done
 
-                # One update per train_frequency agent steps in total, whatever num_envs is.
-                n_updates, sync = 0, False
-                if offline_acted + global_step > args.learning_starts:  # the replay's agent steps, as Dopamine's min_replay_history
-                    update_credit += args.num_envs  # agent steps not yet paid for by an update (integers: no drift)
-                    n_updates = update_credit // args.train_frequency
-                    update_credit -= n_updates * args.train_frequency
-                    if global_step >= next_target_sync:
-                        sync = True
-                        next_target_sync += args.target_network_frequency
+                # The updates and the target sync the reference's training-step counter makes due over these agent steps.
+                steps_due = functools.partial(train_steps_due, global_step - args.num_envs, global_step, offline_updates, offline_acted, args.learning_starts)
+                n_updates, sync = steps_due(args.train_frequency), steps_due(args.target_network_frequency) > 0
                 # The whole step on the device, as after a resume.
                 transition = (obs_dev, actions_dev, *step_dev, next_obs_dev)
                 log_now = updates // args.log_frequency != (updates + n_updates) // args.log_frequency

@@ -3,9 +3,10 @@
 import collections
 import re
 
-# The scripts' jitted hot paths (the acting calls, the offline call, the online step, the store of the offline acting's
-# steps with their teacher Q, the replay's store).
-HOT = {"jit(act)", "jit(offline)", "jit(online_step)", "jit(store_acted)", "jit(replay_add)"}
+# The scripts' jitted hot paths a default run compiles (the acting calls, the offline call, the online step, the
+# replay's store), and the store of the student's offline steps with their teacher Q (--offline-acting only).
+HOT = {"jit(act)", "jit(offline)", "jit(online_step)", "jit(replay_add)"}
+OFFLINE_ACTING = {"jit(store_acted)"}
 LINE = re.compile(r"Compiling (jit\([^)]*\)) with global shapes and types (\(.*?\))\. Argument mapping: (\(.*?\))\.$", re.M)
 
 
@@ -25,4 +26,4 @@ def compiled_names(stderr: str) -> set:
 
 def hot_recompiled(stderr: str) -> list:
     """The hot paths among `recompiled`: each of these compilations lands inside a phase."""
-    return [k for k in recompiled(stderr) if k[0] in HOT]
+    return [k for k in recompiled(stderr) if k[0] in HOT | OFFLINE_ACTING]

@@ -75,12 +75,16 @@ def test_e2e_logs_every_phase(e2e_run):
     assert [st for st, _ in scalars(acc, "offline/loss")] == list(range(8, 65, 8))
     assert [st for st, _ in scalars(acc, "offline/eval_return")] == [32, 64]
     online_steps = [st for st, _ in scalars(acc, "losses/loss")]
-    # As the reference, the student also played one agent step per offline update into its own replay (64), so
-    # learning starts once the replay holds 128 agent steps: after online step 64.
-    assert "the student played 64 agent steps into its replay" in r.stdout
-    assert online_steps and min(online_steps) > 64 and max(online_steps) <= 512
-    # 2 envs, one update per 4 agent steps after 64: (512 - 64) / 4 = 112 updates, logged every 8.
-    assert len(online_steps) == 112 // 8
+    # As the reference's OfflinePretrainingRunner, the student does not act offline: no agent step is logged before
+    # the online phase, its replay starts empty, and it learns once it holds more than --learning-starts 128 steps.
+    assert "the student played" not in r.stdout
+    assert "offline/episodic_return" not in tags and "offline/SPS" in tags
+    assert online_steps and min(online_steps) > 128 and max(online_steps) <= 512
+    # The reference's counter (64 offline updates, then one training step per agent step t = 1, 2, ...) updates before
+    # agent step t when t > 128 and (64 + t) % 4 == 0: t = 132, 136, ..., 512, so 96 updates, logged every 8.
+    counter_updates = sum(1 for t in range(1, 513) if t > 128 and (64 + t) % 4 == 0)
+    assert counter_updates == 96 and "512 agent steps, 96 updates" in r.stdout
+    assert len(online_steps) == 96 // 8
     for tag in ("losses/distill_loss", "offline/distill_loss"):
         assert all(v >= 0 for _, v in scalars(acc, tag))
     coeffs = [v for _, v in scalars(acc, "charts/distill_coeff")]
@@ -224,13 +228,17 @@ def test_dopamine_replay_as_teacher_data(tmp_path, teacher_with_replay):
 
     both = tmp_path / "both"
     both.mkdir()
-    r = run_script(both, *flags[:3], "both", *TINY, "--no-offline-acting")
+    r = run_script(both, *flags[:3], "both", *TINY, "--offline-acting")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(Dopamine replay + 256 roll-out agent steps)" in r.stdout
-    # --no-offline-acting: the offline phase only learns; the student's replay starts empty at the online phase
-    assert "the student played" not in r.stdout
+    # --offline-acting (a deviation): the student also plays one agent step per offline update into its own replay
+    # (64), so the replay holds more than 128 steps after online step 64, and learning starts there.
+    assert "the student played 64 agent steps into its replay" in r.stdout
     (run_dir,) = (both / "runs").iterdir()
-    assert min(st for st, _ in scalars(read_events(run_dir), "losses/loss")) > 128
+    acc = read_events(run_dir)
+    # updates before agent steps t > 64 with (64 + t) % 4 == 0: the 8th (the first logged) is at t = 96
+    due = [t for t in range(1, 513) if 64 + t > 128 and (64 + t) % 4 == 0]
+    assert min(st for st, _ in scalars(acc, "losses/loss")) == due[7] == 96
 
 
 def test_dopamine_replay_missing_gives_one_error_line(tmp_path, fixture_copy):
@@ -250,9 +258,12 @@ def test_no_offline_phase_explores_from_epsilon_one(tmp_path, fixture_copy):
     acc = read_events(run_dir)
     assert not [t for t in acc.Tags()["scalars"] if t.startswith("offline/")]
     eps = scalars(acc, "charts/epsilon")
-    assert eps[0] == (0, 1.0)
-    for step, value in eps[1:]:  # linear: 1 - 0.99 * (step - 1) / 1000, for the step's actions
-        assert 0.01 < value < 1.0
+    # persistence_linearly_decaying_epsilon(1000, training_steps): the action at agent step g has training_steps g + 1;
+    # the value logged at step S is the one vector step S - 1 acted with (1 env)
+    assert eps[0] == (0, pytest.approx(1 - 0.99 * 1 / 1000))
+    assert len(eps) > 5
+    for step, value in eps[1:]:
+        assert value == pytest.approx(max(1 - 0.99 * step / 1000, 0.01), abs=1e-6), step
 
 
 def test_impala_student_and_wandb_offline(tmp_path, fixture_copy):

@@ -1,7 +1,6 @@
 """Never lose a run: checkpoints, exact resume after SIGKILL in every phase, SIGINT, damaged checkpoints,
 the resume flag checks, and the pre-flight checks (memory, output folder, unique run names, NaN)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -11,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import compile_log
 import teacher_utils as tu
+from resume_helpers import checkpoints, final_line, finish, kill_in, one_value_per_step
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "qdagger_dqn_atari_jax.py"
@@ -29,53 +28,6 @@ FLAGS = ["--distill-decay-period", "256", "--num-envs", "2", "--eval-steps", "10
 def start(cwd, name, *extra, teacher, env=None):
     return subprocess.Popen([sys.executable, str(SCRIPT), "--teacher-checkpoint", str(teacher), "--run-name", name, *FLAGS, *extra],
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def finish(proc, timeout=600):
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
-def checkpoints(run_dir: Path) -> list[dict]:
-    metas = []
-    for ck in sorted((run_dir / "checkpoints").glob("ckpt-*")):
-        try:
-            if (ck / tu.CHECKPOINT_SENTINEL).is_file():
-                metas.append(json.loads((ck / "meta.json").read_text()))
-        except (OSError, ValueError):
-            pass  # deleted or replaced while we looked (--keep-checkpoints)
-    return metas
-
-
-def kill_in(proc, run_dir: Path, phase: str, progress_key: str):
-    """SIGKILL the run as soon as it has a complete checkpoint in `phase` with progress under way."""
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if any(m["phase"] == phase and m["progress"].get(progress_key, 0) > 0 for m in checkpoints(run_dir)):
-                proc.send_signal(signal.SIGKILL)
-                proc.communicate()
-                return
-        except (OSError, ValueError, KeyError):
-            pass  # a checkpoint being renamed
-        time.sleep(0.05)
-    raise AssertionError(f"the run never checkpointed in phase {phase}: {proc.communicate()[1][-2000:]}")
-
-
-def final_line(out: str) -> str:
-    (line,) = [x for x in out.splitlines() if x.startswith("final: ")]
-    return line
-
-
-def one_value_per_step(run_dir: Path) -> dict:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    series = {}
-    for tag in acc.Tags()["scalars"]:
-        steps = [e.step for e in acc.Scalars(tag)]
-        assert len(steps) == len(set(steps)), f"{tag} logged twice at some step: {steps}"
-        series[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
-    return series
 
 
 @pytest.fixture(scope="module")
