@@ -52,13 +52,26 @@ FIGURES = {
 WANDB_NAME_COLUMNS = ("Name", "name", "run_name", "display_name", "run", "ID", "id")
 WANDB_STEP_COLUMNS = ("global_step", "_step", "Step", "step")
 _FIELD = r"(?:(?!__).)+"  # one part of a run name: anything without "__"
-# Run folder names, for runs without args.json: teacher_utils.default_run_name's, the launcher's and CleanRL's.
+# Run folder names, for runs without args.json: reincarnate.run.default_run_name's, the launcher's and CleanRL's.
 RUN_NAME_RES = (
     re.compile(rf"^(?P<env_id>[^_/]+-v\d+)__(?P<exp_name>.+)__(?P<method>{_FIELD})__(?P<seed>-?\d+)__\d{{8}}-\d{{6}}-[0-9a-f]{{6}}$"),
     re.compile(rf"^(?P<env_id>[^_/]+-v\d+)__(?P<exp_name>.+)__(?P<method>{_FIELD})__s(?P<seed>-?\d+)$"),
     re.compile(r"^(?P<env_id>[^_/]+-v\d+)__(?P<exp_name>.+)__(?P<seed>-?\d+)__\d+$"),
 )
 RUN_NAME_FORMS = "<env_id>__<exp_name>__<method>__<seed>__<time>-<hex>, <env_id>__<exp_name>__<method>__s<seed> or <env_id>__<exp_name>__<seed>__<time>"
+# The flags that set a run's budget and its teacher (args.json keys). Runs of one method label that differ in one of
+# them are reported apart, as "<label> [flag=value, ...]": never pooled into one aggregate. teacher_checkpoint names a
+# game's own teacher, so it sets runs apart only where runs of the same game differ in it.
+BUDGET_FLAGS = ("total_timesteps", "offline_steps", "teacher_steps")
+TEACHER_FLAGS = ("teacher_checkpoint", "teacher_iteration", "teacher_data")
+PROTOCOL_FLAGS = (*BUDGET_FLAGS, *TEACHER_FLAGS)
+TEACHERLESS_METHODS = ("tabula-rasa",)  # the scripts' uses_teacher = method != "tabula-rasa"
+DEFAULT_TEACHER = "gs://rl_checkpoints/DQN_400/{game}/1"  # --teacher-checkpoint's default
+UNKNOWN = "?"  # a flag the run's config does not hold
+# Flags that never change what is learned (reincarnate.config.RunArgs) and the run's identity: not compared.
+NOT_COMPARED = {"seed", "env_id", "run_name", "method", "track", "wandb_project_name", "wandb_entity", "capture_video",
+                "save_model", "upload_model", "hf_entity", "resume", "checkpoint_frequency", "checkpoint_minutes",
+                "keep_checkpoints", "log_frequency", "updates_per_call", "replay_on_host"}
 
 
 def parse_run_name(name: str) -> dict[str, Any]:
@@ -100,10 +113,12 @@ scores (--normalize)
   reincarnating_rl code normalises with). G_T is each run's own
   teacher/mean_return, the same number charts/teacher_normalized_score uses;
   --teacher-scores overrides it per game, and --pool-teacher uses one G_T per
-  game (the mean over all its runs that logged one) so that every method is
-  divided by the same number. A run that logged no G_T (e.g. tabula rasa)
-  borrows its game's pooled G_T when other runs logged one, else it is
-  skipped; a game whose G_T is not above G_R is skipped.
+  game and teacher (the mean over its runs that logged one) so that every
+  method is divided by the same number. A run that logged no G_T (e.g. tabula
+  rasa) borrows its game's pooled G_T when other runs logged one, else it is
+  skipped. A teacher no better than random (G_T <= G_R) has no teacher score:
+  the report stops with one error line naming its runs; use --normalize human,
+  or --teacher-scores with a G_T above G_R.
 
 methods and games
   Runs are grouped by (method, game); game = env id without "-v5". The method
@@ -115,6 +130,15 @@ methods and games
   runs left out with in_aggregate = 0). Each method is aggregated over its own
   games (#games in the table); probability of improvement uses the games both
   methods ran.
+  Runs of one label with different budgets or teachers are never pooled: when
+  they differ in total_timesteps, offline_steps, teacher_steps,
+  teacher_iteration, teacher_data or (among the runs of one game)
+  teacher_checkpoint, each group is reported apart as
+  "<label> [flag=value, ...]" (the game's name reads {game} in the teacher's
+  address); a warning and a line under the table say so. Flags a method does
+  not use (a tabula-rasa run's teacher) are not compared. Runs of one label
+  that differ in other flags are pooled, with a warning; --group-by sets them
+  apart.
 
 statistics
   IQM = mean of the middle 50% of all runs x games scores (25% trimmed mean),
@@ -148,7 +172,9 @@ W&B export (--wandb-export CSV)
     Name (or name, run_name, display_name, run, ID, id)   groups rows into runs
     env_id, seed, method, exp_name     the run's config; "config.env_id" or
                                        "config/env_id" also work; method
-                                       defaults to "qdagger"
+                                       defaults to "qdagger"; the budget and
+                                       teacher flags (above) and
+                                       rehearsal_ratio are read too when present
     eval/episodic_return               an evaluation return (empty: no evaluation)
     teacher/mean_return                G_T (optional)
     global_step (or _step, Step, step) the evaluation step (optional; needed
@@ -191,6 +217,8 @@ class Run:
     low: float = 0.0  # normalized = (raw - low) / (high - low)
     high: float = 1.0
     in_aggregate: bool = False
+    base_label: str = ""  # the method label before runs of other budgets or teachers were set apart
+    protocol: dict[str, Any] = dataclasses.field(default_factory=dict)  # the flags that set it apart (label suffix)
 
     @property
     def env_id(self) -> str:
@@ -371,7 +399,7 @@ def read_wandb_csv(path: str | os.PathLike) -> list[Run]:
         raise ReportError(f"--wandb-export {path} needs a run-name column ({', '.join(WANDB_NAME_COLUMNS[:3])}, ...) and a {EVAL_TAG} column")
     step_col = _column(fields, WANDB_STEP_COLUMNS)
     config_cols = {}
-    for key in ("env_id", "seed", "method", "exp_name"):
+    for key in ("env_id", "seed", "method", "exp_name", *PROTOCOL_FLAGS, "rehearsal_ratio"):
         col = _column(fields, (key, f"config.{key}", f"config/{key}"))
         if col is not None:
             config_cols[key] = col
@@ -390,6 +418,8 @@ def read_wandb_csv(path: str | os.PathLike) -> list[Run]:
             value = next(((r.get(col) or "").strip() for r in group if (r.get(col) or "").strip()), "")
             if value:
                 config[key] = value
+            elif key in PROTOCOL_FLAGS:  # W&B exports a None as an empty cell
+                config[key] = None
         if not config.get("env_id"):
             warn(f"skipping {source}: no env_id")
             continue
@@ -452,13 +482,17 @@ def _game(env_id: str, tu: Any) -> str | None:
         return None
 
 
-def _labels(runs: Sequence[Run], group_by: str) -> list[str]:
+def _group_keys(runs: Sequence[Run], group_by: str) -> list[str]:
     if group_by == "auto":
-        keys = ["exp_name", "method"] if len({r.exp_name for r in runs if r.exp_name}) > 1 else ["method"]
-    else:
-        keys = [k.strip() for k in group_by.split(",") if k.strip()]
-        if not keys:
-            raise ReportError("--group-by needs 'auto' or args.json keys such as method or exp_name,method")
+        return ["exp_name", "method"] if len({r.exp_name for r in runs if r.exp_name}) > 1 else ["method"]
+    keys = [k.strip() for k in group_by.split(",") if k.strip()]
+    if not keys:
+        raise ReportError("--group-by needs 'auto' or args.json keys such as method or exp_name,method")
+    return keys
+
+
+def _labels(runs: Sequence[Run], group_by: str) -> list[str]:
+    keys = _group_keys(runs, group_by)
 
     def value(run: Run, key: str) -> str:
         if key == "method":
@@ -469,6 +503,127 @@ def _labels(runs: Sequence[Run], group_by: str) -> list[str]:
     return [":".join(value(r, k) for k in keys) for r in runs]
 
 
+def _canonical(value: Any) -> Any:
+    """A flag's value as args.json, the hyperparameters text and a W&B export all give it: 2500000, "2500000" and
+    2500000.0 are one value; None, "None" and "" are None; lists become JSON text."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return int(value) if float(value).is_integer() else float(value)
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, sort_keys=True)
+    text = str(value).strip()
+    if text in ("", "None", "null"):
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    number = _as_float(text)
+    return _canonical(number) if number is not None else text
+
+
+def _flag(run: Run, key: str) -> Any:
+    return _canonical(run.config[key]) if key in run.config else UNKNOWN
+
+
+def protocol_flags(run: Run) -> dict[str, Any]:
+    """The run's budget and teacher flags that matter to its method (as the scripts use them: a teacherless method has
+    no teacher, the teacher's data is used only with an offline phase or rehearsal, teacher_steps only for roll-outs);
+    UNKNOWN where its config does not say. teacher_checkpoint: the address with the game's name as {game} (the
+    default spelled out), so that one teacher recipe reads the same in every game."""
+    values = {"total_timesteps": _flag(run, "total_timesteps")}
+    if run.method in TEACHERLESS_METHODS:
+        return values
+    values["offline_steps"] = offline = _flag(run, "offline_steps")
+    checkpoint = _flag(run, "teacher_checkpoint")
+    if checkpoint is None:
+        checkpoint = DEFAULT_TEACHER.format(game=run.game or "{game}")
+    if isinstance(checkpoint, str) and checkpoint != UNKNOWN:
+        for name in sorted({run.env_id, run.game} - {""}, key=len, reverse=True):
+            checkpoint = re.sub(re.escape(name), "{game}", checkpoint, flags=re.IGNORECASE)
+        checkpoint = checkpoint.rstrip("/")
+    values["teacher_checkpoint"] = checkpoint
+    iteration = _flag(run, "teacher_iteration")
+    values["teacher_iteration"] = "latest" if iteration is None else iteration
+    if offline != 0 or _flag(run, "rehearsal_ratio") not in (0, None):
+        values["teacher_data"] = data = _flag(run, "teacher_data")
+        if data != "dopamine-replay":
+            values["teacher_steps"] = _flag(run, "teacher_steps")
+    return values
+
+
+def _teacher_key(run: Run) -> tuple | None:
+    flags = protocol_flags(run)
+    return (flags["teacher_checkpoint"], flags["teacher_iteration"]) if "teacher_checkpoint" in flags else None
+
+
+def split_by_protocol(runs: Sequence[Run]) -> dict[str, dict[str, list[Run]]]:
+    """Set apart the runs of one label that differ in budget or teacher (PROTOCOL_FLAGS): each gets the label
+    "<label> [flag=value, ...]" naming the flags that differ. Returns {label: {new label: runs}} for the labels split."""
+    by_label: dict[str, list[Run]] = {}
+    for run in runs:
+        run.base_label, run.protocol = run.label, {}
+        by_label.setdefault(run.label, []).append(run)
+    splits = {}
+    for label, group in by_label.items():
+        flags = {id(r): protocol_flags(r) for r in group}
+        differing = []
+        for key in PROTOCOL_FLAGS:
+            if key == "teacher_checkpoint":  # each game has its own teacher: only runs of one game must agree
+                per_game: dict[str, set] = {}
+                for r in group:
+                    if key in flags[id(r)]:
+                        per_game.setdefault(r.game, set()).add(flags[id(r)][key])
+                differs = any(len(v) > 1 for v in per_game.values())
+            else:
+                differs = len({flags[id(r)][key] for r in group if key in flags[id(r)]}) > 1
+            if differs:
+                differing.append(key)
+        if not differing:
+            continue
+        parts: dict[str, list[Run]] = {}
+        for r in group:
+            r.protocol = {k: flags[id(r)][k] for k in differing if k in flags[id(r)]}
+            if r.protocol:
+                r.label = f"{label} [{', '.join(f'{k}={v}' for k, v in r.protocol.items())}]"
+            parts.setdefault(r.label, []).append(r)
+        splits[label] = dict(sorted(parts.items()))
+        warn(f"{label}: its runs differ in {', '.join(differing)}: not pooled, reported apart as "
+             + "; ".join(f"{new} ({len(rs)} runs)" for new, rs in splits[label].items()))
+    return splits
+
+
+def _warn_pooled_flags(runs: Sequence[Run], group_keys: Sequence[str]) -> None:
+    """Warn about the other flags (not the budget or the teacher) in which the runs of one label differ: still pooled."""
+    by_label: dict[str, list[Run]] = {}
+    for run in runs:
+        by_label.setdefault(run.label, []).append(run)
+    skip = NOT_COMPARED | set(PROTOCOL_FLAGS) | set(group_keys)
+    for label, group in sorted(by_label.items()):
+        keys = sorted(set.intersection(*(set(r.config) for r in group)) - skip)
+        differing = [k for k in keys if len({_flag(r, k) for r in group}) > 1]
+        if differing:
+            shown = ", ".join(differing[:8]) + (f" and {len(differing) - 8} more" if len(differing) > 8 else "")
+            warn(f"{label}: its runs also differ in {shown}, pooled as one method; --group-by "
+                 f"{','.join([*group_keys, differing[0]])} (say) reports them apart")
+
+
+def _bad_teacher_error(bad: Sequence[Run]) -> ReportError:
+    """One line: the runs whose G_T is not above G_R (the teacher-normalized score is undefined), and the fixes."""
+    groups: dict[tuple[str, float, str], list[Run]] = {}
+    for run in bad:
+        groups.setdefault((run.game, run.teacher_score, run.teacher_source), []).append(run)
+    parts = []
+    for (game, g_t, source), rs in sorted(groups.items()):
+        where = {"json": "from --teacher-scores", "pooled": f"the mean {TEACHER_TAG} of its runs"}.get(source, f"its {TEACHER_TAG}")
+        names = ", ".join(r.source for r in rs[:3]) + (f" and {len(rs) - 3} more" if len(rs) > 3 else "")
+        parts.append(f"{game}: G_T {g_t:g} ({where}) <= G_R {rs[0].random_score:g}, {len(rs)} run(s): {names}")
+    games = sorted({g for g, _, _ in groups})
+    return ReportError(
+        f"the teacher-normalized score (G_S - G_R) / (G_T - G_R) needs a teacher better than random, but the teacher "
+        f"score G_T is not above the random score G_R for {len(bad)} run(s): {'; '.join(parts)}. "
+        f"Use --normalize human, or give {', '.join(games)} a G_T above G_R with --teacher-scores")
+
+
 def score_runs(
     runs: Sequence[Run],
     normalize: str = "teacher",
@@ -476,7 +631,8 @@ def score_runs(
     pool_teacher: bool = False,
     group_by: str = "auto",
 ) -> list[Run]:
-    """Label the runs and set their normalization; returns the runs that can be scored."""
+    """Label the runs and set their normalization; returns the runs that can be scored. Runs of one label with other
+    budgets or teachers are set apart (split_by_protocol); a G_T not above G_R is a ReportError (teacher scores)."""
     import teacher_utils as tu
 
     teacher_scores = dict(teacher_scores or {})
@@ -492,19 +648,30 @@ def score_runs(
         if game in tu.ATARI_SCORES:
             run.random_score, run.human_score = tu.ATARI_SCORES[game]
         kept.append(run)
-    pooled: dict[str, list[float]] = {}
+    group_keys = _group_keys(runs, group_by)
+    split_by_protocol(kept)
+    _warn_pooled_flags(kept, group_keys)
+    # G_T pooled per game and teacher (--pool-teacher), and per game for the runs that have no teacher of their own
+    pooled: dict[Any, list[float]] = {}
+    teachers: dict[str, set] = {}
     for run in kept:
         if run.teacher_return is not None:
             pooled.setdefault(run.game, []).append(run.teacher_return)
+            pooled.setdefault((run.game, _teacher_key(run)), []).append(run.teacher_return)
+            teachers.setdefault(run.game, set()).add(_teacher_key(run))
     usable = []
+    bad_teacher = []
     borrowed: dict[tuple[str, str], list[Run]] = {}
+    pool_size: dict[tuple[str, str], int] = {}
+    mixed: set[tuple[str, str]] = set()  # borrowed a G_T averaged over several teachers
     for run in kept:
+        pool = pooled.get((run.game, _teacher_key(run)), pooled.get(run.game))
         if run.game in teacher_scores:
             run.teacher_score, run.teacher_source = teacher_scores[run.game], "json"
         elif run.teacher_return is not None and not pool_teacher:
             run.teacher_score, run.teacher_source = run.teacher_return, "run"
-        elif run.game in pooled:
-            run.teacher_score, run.teacher_source = float(np.mean(pooled[run.game])), "pooled"
+        elif pool:
+            run.teacher_score, run.teacher_source = float(np.mean(pool)), "pooled"
         if normalize == "raw":
             run.low, run.high = 0.0, 1.0
         elif run.random_score is None:
@@ -517,19 +684,27 @@ def score_runs(
                 warn(f"skipping {run.source}: no teacher score G_T ({TEACHER_TAG} not logged by any {run.game} run); give it with --teacher-scores")
                 continue
             if run.teacher_score <= run.random_score:
-                warn(f"skipping {run.source}: teacher score {run.teacher_score:g} is not above the random score {run.random_score:g} of {run.game}")
+                bad_teacher.append(run)
                 continue
             if run.teacher_source == "pooled" and run.teacher_return is None:
                 borrowed.setdefault((run.label, run.game), []).append(run)
+                pool_size[run.label, run.game] = len(pool or ())
+                if (run.game, _teacher_key(run)) not in pooled and len(teachers.get(run.game, ())) > 1:
+                    mixed.add((run.label, run.game))
             run.low, run.high = run.random_score, run.teacher_score
         usable.append(run)
+    if bad_teacher:
+        raise _bad_teacher_error(bad_teacher)
     for label in sorted({label for label, _ in borrowed}):
         games = sorted(game for lab, game in borrowed if lab == label)
         count = sum(len(borrowed[label, g]) for g in games)
-        where = (f"{games[0]}: mean G_T {borrowed[label, games[0]][0].teacher_score:g} of its {len(pooled[games[0]])} run(s) that logged one"
+        where = (f"{games[0]}: mean G_T {borrowed[label, games[0]][0].teacher_score:g} of its {pool_size[label, games[0]]} run(s) that logged one"
                  if len(games) == 1 else f"{len(games)} games: each uses the mean G_T of its game's runs that logged one")
         warn(f"{label}: {count} run(s) logged no {TEACHER_TAG} ({where}; teacher_source = pooled in scores.csv; "
              "--teacher-scores sets G_T)")
+        if any((label, g) in mixed for g in games):
+            warn(f"{label}: the pooled G_T of {', '.join(g for g in games if (label, g) in mixed)} averages the runs of "
+                 "several teachers; --teacher-scores sets G_T")
     return usable
 
 
@@ -748,6 +923,10 @@ def markdown(report: Report) -> str:
                  "json": "--teacher-scores"}
         sources = [names[k] for k in names if any(r.in_aggregate and r.teacher_source == k for r in report.runs)]
         lines.append(f"G_T: {'; '.join(sources)} (teacher_source in scores.csv).")
+    split = sorted({r.base_label for r in report.runs if r.protocol})
+    if split:
+        lines.append("Runs of one method with different budgets or teachers are reported apart, not pooled: " + "; ".join(
+            f"{base} as {', '.join(sorted({r.label for r in report.runs if r.base_label == base}))}" for base in split) + ".")
     lines += [
         f"[{pct} CI]: rliable stratified bootstrap (percentile), {report.reps} resamples, seed {report.seed}; "
         f"optimality gap below {report.gamma:g}.",
@@ -818,35 +997,125 @@ def write_tables(report: Report, out: Path) -> list[Path]:
     return written
 
 
+def method_colors(labels: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """A distinct colour per method: seaborn's colorblind palette up to 10 methods, tab20 up to 20 (its 10 strong
+    colours first, then their light versions), evenly spaced husl hues at three lightnesses beyond (seaborn would cycle a
+    palette's colours)."""
+    import seaborn as sns
+
+    n = len(labels)
+    if n <= 10:
+        palette = sns.color_palette("colorblind", n_colors=max(n, 1))
+    elif n <= 20:
+        tab20 = sns.color_palette("tab20", n_colors=20)
+        palette = (tab20[0::2] + tab20[1::2])[:n]
+    else:
+        hues = math.ceil(n / 3)
+        palette = (sns.husl_palette(hues, l=0.35) + sns.husl_palette(hues, l=0.6) + sns.husl_palette(hues, l=0.82))[:n]
+    return {label: tuple(float(c) for c in color) for label, color in zip(labels, palette)}
+
+
+def shown_tick_labels(axis: Any) -> list[Any]:
+    """The tick labels an axis draws (those of ticks within its view, with text); valid after a draw."""
+    if not (axis.get_visible() and axis.axes.get_visible()):
+        return []
+    locs = axis.get_majorticklocs()
+    low, high = sorted(axis.get_view_interval())
+    tol = 1e-9 * max(high - low, np.finfo(float).tiny)
+    out = []
+    for loc, tick in zip(locs, axis.get_major_ticks(len(locs))):
+        if low - tol <= loc <= high + tol:
+            out += [t for t in (tick.label1, tick.label2) if t.get_visible() and t.get_text()]
+    return out
+
+
+def _tick_texts(axis: Any) -> list[Any]:
+    labels, offset = shown_tick_labels(axis), axis.get_offset_text()
+    return labels + ([offset] if labels and offset.get_visible() and offset.get_text() else [])
+
+
+def readable_ticks(fig: Any, rounds: int = 10) -> None:
+    """Thin out the ticks of every numeric axis whose tick labels overlap (long labels such as 0.0012 in a narrow
+    panel, whatever the range), down to 2 ticks, then slant them; axes with fixed ticks (method names) are kept."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    axes = [axis for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)]
+    slanted: set[int] = set()
+    for _ in range(rounds):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        pad = renderer.points_to_pixels(2.0)
+        boxes = [(axis, text.get_window_extent(renderer).padded(pad / 2)) for axis in axes for text in _tick_texts(axis)]
+        crowded: dict[int, Any] = {}
+        for i, (a, box) in enumerate(boxes):
+            for b, other in boxes[i + 1:]:
+                if box.overlaps(other):
+                    crowded.update({id(a): a, id(b): b})
+        movable = [axis for axis in crowded.values() if not isinstance(axis.get_major_locator(), FixedLocator)
+                   and id(axis) not in slanted]
+        if not movable:
+            return
+        for axis in movable:
+            shown = len(shown_tick_labels(axis))
+            if shown > 2:
+                axis.set_major_locator(MaxNLocator(nbins=max(shown - 2, 1), min_n_ticks=2))
+            else:  # two labels still collide: slant them (x), or leave them
+                slanted.add(id(axis))
+                if axis.axis_name == "x":
+                    axis.set_tick_params(labelrotation=35)
+                    for label in axis.get_majorticklabels():
+                        label.set_horizontalalignment("right")
+                        label.set_rotation_mode("anchor")
+
+
+def aggregate_figure(report: Report, colors: Mapping[str, Any], score_name: str) -> Any:
+    """rliable's interval-estimate panels, with readable ticks and the x-axis label below every tick label."""
+    from rliable import plot_utils
+
+    labels = list(report.methods)
+    fig, axes = plot_utils.plot_interval_estimates(
+        report.point, report.interval, metric_names=list(METRIC_NAMES), algorithms=labels, colors=colors,
+        xlabel="", row_height=max(0.5, 1.2 / len(labels)))
+    for text in list(fig.texts):  # rliable's label sits at a fixed height: over the tick labels of a short figure
+        text.remove()
+    readable_ticks(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = list(np.ravel(axes))
+    bottom = min(ax.xaxis.get_tightbbox(renderer).y0 for ax in axes)
+    y = fig.transFigure.inverted().transform((0.0, bottom - renderer.points_to_pixels(6.0)))[1]
+    x = (axes[0].get_position().x0 + axes[-1].get_position().x1) / 2
+    fig.text(x, y, score_name, ha="center", va="top", fontsize="xx-large")
+    return fig
+
+
 def write_figures(report: Report, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    import seaborn as sns
     from rliable import plot_utils
 
     labels = list(report.methods)
-    colors = dict(zip(labels, sns.color_palette("colorblind", n_colors=max(len(labels), 1))))
+    colors = method_colors(labels)
     score_name = {"teacher": "Teacher Normalized Score", "human": "Human Normalized Score", "raw": "Raw Score"}[report.normalize]
+    legend = ({"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "frameon": False} if len(labels) > 4 else {})
     written = []
 
     def save(fig: Any, name: str) -> None:
+        readable_ticks(fig)
         fig.savefig(out / name, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(out / name)
 
-    fig, _ = plot_utils.plot_interval_estimates(
-        report.point, report.interval, metric_names=list(METRIC_NAMES), algorithms=labels, colors=colors,
-        xlabel=score_name, row_height=max(0.5, 1.2 / len(labels)), xlabel_y_coordinate=-0.25)
-    save(fig, FIGURES["aggregate"])
+    save(aggregate_figure(report, colors, score_name), FIGURES["aggregate"])
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plot_utils.plot_performance_profiles(
         report.profiles, report.tau, performance_profile_cis=report.profile_cis, colors=colors, ax=ax,
         xlabel=rf"{score_name} $(\tau)$", ylabel=r"Fraction of runs with score $> \tau$",
         labelsize="large", ticklabelsize="large")
-    ax.legend(loc="upper right")
+    ax.legend(**(legend or {"loc": "upper right"}))
     save(fig, FIGURES["profile"])
 
     if report.curve_point:
@@ -857,7 +1126,7 @@ def write_figures(report: Report, out: Path) -> list[Path]:
                 {label: report.curve_interval[label]}, algorithms=[label], colors=colors, ax=ax,
                 xlabel="Online agent steps (millions)", ylabel=f"IQM {score_name}",
                 labelsize="large", ticklabelsize="large")
-        ax.legend(loc="best")
+        ax.legend(**(legend or {"loc": "best"}))
         save(fig, FIGURES["curve"])
 
     if report.poi:
@@ -865,6 +1134,7 @@ def write_figures(report: Report, out: Path) -> list[Path]:
         estimates = {f"{x}\t{y}": p for x, y, _, p, _, _ in report.poi}
         intervals = {f"{x}\t{y}": np.array([lo, hi]) for x, y, _, _, lo, hi in report.poi}
         plot_utils.plot_probability_of_improvement(estimates, intervals, pair_separator="\t", ax=ax,
+                                                   colors=[colors[x] for x, *_ in report.poi],  # X's colour
                                                    xticks=[0.0, 0.25, 0.5, 0.75, 1.0])
         ax.axvline(0.5, color="k", alpha=0.3, linestyle="--")
         save(fig, FIGURES["poi"])
@@ -886,7 +1156,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help='G_T per game, overriding the logged teacher/mean_return: a JSON file or inline object, '
                              'e.g. \'{"Breakout": 310.5, "Pong-v5": 19.8}\' (keys: game or env id)')
     parser.add_argument("--pool-teacher", action="store_true",
-                        help="one G_T per game: the mean teacher/mean_return of all its runs (default: each run's own)")
+                        help="one G_T per game and teacher: the mean teacher/mean_return of its runs (default: each run's own)")
     parser.add_argument("--group-by", default="auto", metavar="KEYS",
                         help="method labels: 'auto' (method, or exp_name:method when several scripts are present) "
                              "or comma-separated args.json keys, e.g. 'method' or 'exp_name,method' (default: auto)")

@@ -18,6 +18,7 @@ from rliable import library as rly  # noqa: E402
 from rliable import metrics  # noqa: E402
 
 import teacher_utils as tu  # noqa: E402
+from reincarnate import run as rr  # noqa: E402
 from reincarnate_utils import report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -422,7 +423,7 @@ def test_run_folder_names_of_the_scripts_and_the_launcher(tmp_path, capsys):
     from reincarnate_utils import launch
 
     names = {
-        "default": tu.default_run_name("Breakout-v5", "qdagger_dqn_atari_jax", "tabula-rasa", 3),
+        "default": rr.default_run_name("Breakout-v5", "qdagger_dqn_atari_jax", "tabula-rasa", 3),
         "launcher": launch.run_name_for("Pong-v5", "qdagger_dqn_atari_jax", "jsrl", 12),
         "cleanrl": "Breakout-v5__qdagger_dqn_atari_jax__7__1700000000",
     }
@@ -440,3 +441,255 @@ def test_run_folder_names_of_the_scripts_and_the_launcher(tmp_path, capsys):
     assert code == 0, err
     rows = {(r["method"], r["game"], r["seed"]) for r in read_csv(tmp_path / "o" / "scores.csv")}
     assert rows == {("tabula-rasa", "Breakout", "3"), ("jsrl", "Pong", "12")}
+
+
+# ----------------------------------------------------------------------------
+# Issues 23 and 26: figures' layout and colours, teachers no better than random, runs of other budgets or teachers
+# ----------------------------------------------------------------------------
+def memory_runs(finals: dict[str, list[float]], games=("Breakout", "Pong")) -> list[report.Run]:
+    """Runs in memory: method -> teacher-normalized final score per seed (the same in every game), two evaluations."""
+    return [report.Run(f"{method}/{game}/{seed}", {"env_id": f"{game}-v5", "seed": seed, "method": method},
+                       [500, 1000], [raw_return(game, final / 2), raw_return(game, final)], TEACHER[game])
+            for method, levels in finals.items() for game in games for seed, final in enumerate(levels)]
+
+
+def written_figures(rep, out: Path, monkeypatch) -> dict:
+    """write_figures(rep, out)'s figures, by file name, as they were saved (drawn again on an Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figures, savefig = {}, Figure.savefig
+
+    def record(fig, fname, *args, **kwargs):
+        figures[Path(fname).name] = fig
+        return savefig(fig, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    try:
+        written = report.write_figures(rep, out)
+    finally:
+        monkeypatch.setattr(Figure, "savefig", savefig)
+    assert sorted(p.name for p in written) == sorted(figures)
+    for fig in figures.values():
+        FigureCanvasAgg(fig).draw()
+    return figures
+
+
+def drawn_tick_labels(axis) -> list:
+    """The tick labels (and offset text) an axis draws: visible, with text, of ticks within the view limits."""
+    if not (axis.get_visible() and axis.axes.get_visible()):
+        return []
+    locs = axis.get_majorticklocs()
+    low, high = sorted(axis.get_view_interval())
+    out = [t for loc, tick in zip(locs, axis.get_major_ticks(len(locs))) if low - 1e-12 <= loc <= high + 1e-12
+           for t in (tick.label1, tick.label2) if t.get_visible() and t.get_text()]
+    offset = axis.get_offset_text()
+    return out + ([offset] if out and offset.get_visible() and offset.get_text() else [])
+
+
+def overlapping_tick_labels(fig) -> list[tuple[str, str]]:
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+             for t in drawn_tick_labels(axis)]
+    return [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1:] if box.overlaps(other)]
+
+
+@pytest.mark.parametrize("methods", [1, 2])
+def test_aggregate_figure_xlabel_below_tick_labels(methods, tmp_path, monkeypatch):
+    """Issue 23: with one or two methods rliable's label (at a fixed height) was drawn over the tick labels."""
+    runs = memory_runs({name: [0.4, 0.5, 0.6] for name in ["qdagger", "tabula-rasa"][:methods]})
+    rep = report.analyze(report.score_runs(runs), reps=20)
+    fig = written_figures(rep, tmp_path, monkeypatch)[report.FIGURES["aggregate"]]
+    renderer = fig.canvas.get_renderer()
+    [xlabel] = [t for t in fig.texts if t.get_text() == "Teacher Normalized Score"]
+    label_box = xlabel.get_window_extent(renderer)
+    ticks = [t for ax in fig.axes for t in drawn_tick_labels(ax.xaxis)]
+    assert len(ticks) >= 2 * len(report.METRIC_NAMES)  # every panel has numbers under it
+    for tick in ticks:
+        box = tick.get_window_extent(renderer)
+        assert not label_box.overlaps(box), (tick.get_text(), box, label_box)
+        assert label_box.y1 < box.y0  # below them, not beside them
+    assert overlapping_tick_labels(fig) == []
+    # the label is centred under the panels and in the written figure (bbox_inches="tight" keeps it)
+    assert fig.axes[0].get_position().x0 < xlabel.get_position()[0] < fig.axes[-1].get_position().x1
+
+
+def test_tick_labels_never_overlap_on_small_ranges(tmp_path, monkeypatch):
+    """Issue 26: scores in 0.001..0.003 gave long tick labels (0.0012, 0.9976) that overlapped in rliable's panels."""
+    runs = memory_runs({"qdagger": [0.0010, 0.0015, 0.0020], "kickstarting": [0.0020, 0.0025, 0.0030]})
+    rep = report.analyze(report.score_runs(runs), reps=20)
+    assert 0.001 <= rep.point["qdagger"][0] <= rep.point["kickstarting"][0] <= 0.003
+    figures = written_figures(rep, tmp_path, monkeypatch)
+    assert set(figures) == set(report.FIGURES.values())
+    for name, fig in figures.items():
+        assert overlapping_tick_labels(fig) == [], name
+        for ax in fig.axes:  # still numbers on every numeric axis: at least two ticks
+            if ax.xaxis.get_visible() and name != report.FIGURES["poi"]:
+                assert len(drawn_tick_labels(ax.xaxis)) >= 2, name
+    # and raw scores (hundreds, in the same narrow panels)
+    raw = report.analyze(report.score_runs(memory_runs({"a": [0.5, 0.6, 0.7], "b": [0.7, 0.8, 0.9]}), "raw"), "raw", reps=20)
+    (tmp_path / "raw").mkdir()
+    for name, fig in written_figures(raw, tmp_path / "raw", monkeypatch).items():
+        assert overlapping_tick_labels(fig) == [], name
+
+
+def test_distinct_colour_per_method_beyond_ten(tmp_path, monkeypatch):
+    """Issue 26: seaborn's colorblind palette has 10 colours and cycles: method 11 had method 1's colour."""
+    import seaborn as sns
+    from matplotlib.colors import to_rgb
+
+    labels = [f"method-{k:02d}" for k in range(12)]
+    runs = memory_runs({label: [0.1 * k, 0.1 * k + 0.05] for k, label in enumerate(labels)}, games=("Pong",))
+    rep = report.analyze(report.score_runs(runs), reps=10)
+    figures = written_figures(rep, tmp_path, monkeypatch)
+
+    def assert_distinct(colors: dict) -> None:
+        assert sorted(colors) == labels
+        rgb = np.array([to_rgb(c) for c in colors.values()])
+        distance = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1) + np.eye(len(rgb))
+        assert distance.min() > 0.1, distance.min()
+
+    profile = figures[report.FIGURES["profile"]].axes[0]
+    assert_distinct({line.get_label(): line.get_color() for line in profile.get_lines() if line.get_label() in labels})
+    curve = figures[report.FIGURES["curve"]].axes[0]
+    assert_distinct({line.get_label(): line.get_color() for line in curve.get_lines() if line.get_label() in labels})
+    # aggregate panels: the k-th bar of a panel is the k-th method's interval
+    for ax in figures[report.FIGURES["aggregate"]].axes:
+        assert_distinct(dict(zip(labels, (patch.get_facecolor() for patch in ax.patches))))
+    for n in (10, 15, 20, 30):
+        names = [str(k) for k in range(n)]
+        colors = report.method_colors(names)
+        rgb = np.array([colors[k] for k in names])
+        assert (np.linalg.norm(rgb[:, None] - rgb[None], axis=-1) + np.eye(n)).min() > 0.05, n
+    assert list(report.method_colors(["a", "b"]).values()) == [tuple(c) for c in sns.color_palette("colorblind", 2)]
+
+
+def test_teacher_no_better_than_random_is_one_error_line(tmp_path, capsys):
+    """Issue 26: (G_S - G_R) / (G_T - G_R) is undefined for G_T <= G_R: the Pong runs were dropped with a warning and
+    the report went on without them; now the report refuses, naming the runs and the fixes."""
+    g_r = tu.ATARI_SCORES["Pong"][0]
+    for seed in range(2):
+        make_run(tmp_path / "runs", f"Breakout-v5__q__{seed}__1", {"env_id": "Breakout-v5", "seed": seed},
+                 [(1, raw_return("Breakout", 0.5))], teacher=TEACHER["Breakout"])
+        make_run(tmp_path / "runs", f"Pong-v5__q__{seed}__1", {"env_id": "Pong-v5", "seed": seed}, [(1, g_r + 2.0)],
+                 teacher=-21.0)  # below Pong's G_R of -20.7
+    out = tmp_path / "o"
+    code, stdout, stderr = run_cli([str(tmp_path / "runs"), "--out", str(out), "--reps", "10"], capsys)
+    assert code == 1 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert [l for l in lines if not l.startswith("warning:")] == [lines[-1]] and lines[-1].startswith("error: ")
+    error = lines[-1]
+    assert "Pong: G_T -21" in error and f"G_R {g_r:g}" in error and "not above the random score" in error
+    assert "Pong-v5__q__0__1" in error and "Pong-v5__q__1__1" in error and "Breakout-v5__q__" not in error
+    assert "--normalize human" in error and "--teacher-scores" in error
+    assert not out.exists()  # nothing half-written
+    # the fixes it names work
+    code, stdout, stderr = run_cli([str(tmp_path / "runs"), "--out", str(out), "--reps", "10", "--normalize", "human"], capsys)
+    assert code == 0, stderr
+    code, stdout, stderr = run_cli([str(tmp_path / "runs"), "--out", str(out), "--reps", "10", "--teacher-scores",
+                                    json.dumps({"Pong": g_r + 4.0})], capsys)
+    assert code == 0, stderr
+    assert {r["game"]: float(r["normalized_score"]) for r in read_csv(out / "scores.csv")}["Pong"] == pytest.approx(0.5)
+    # a --teacher-scores value, or a pooled G_T, no better than random: the same refusal
+    for extra in (["--teacher-scores", '{"Pong": -30}'], ["--pool-teacher"]):
+        code, stdout, stderr = run_cli([str(tmp_path / "runs"), "--out", str(out), "--reps", "10", *extra], capsys)
+        assert code == 1 and stderr.strip().splitlines()[-1].startswith("error: ") and "Pong: G_T" in stderr, extra
+
+
+def test_runs_of_other_budgets_or_teachers_are_reported_apart(tmp_path, capsys):
+    """Issue 26: runs of one method with another total_timesteps or another teacher were pooled into one aggregate."""
+    folders = iter(range(100))
+
+    def runs_of(root: Path, method: str, game: str, seeds, final: float, g_t: float, **flags) -> None:
+        root = root / str(next(folders))  # one folder per call: the run names repeat
+        for seed in seeds:
+            config = {"env_id": f"{game}-v5", "seed": seed, "method": method, "exp_name": "qdagger_dqn_atari_jax",
+                      "total_timesteps": 2_500_000, "offline_steps": 1_000_000, "teacher_checkpoint": None,
+                      "teacher_iteration": None, "teacher_data": "rollout", "teacher_steps": 1_000_000,
+                      "rehearsal_ratio": 0.0, "track": seed == 1, **flags}
+            make_run(root, f"{game}-v5__qdagger_dqn_atari_jax__{method}__s{seed}", config, [(config["total_timesteps"], raw_return(game, final + seed / 100, g_t))],
+                     teacher=None if method == "tabula-rasa" else g_t)
+
+    # budgets: Pong also at 10M steps; tabula-rasa's teacher flags differ but it has no teacher
+    budget = tmp_path / "budget"
+    runs_of(budget, "qdagger", "Pong", [0, 1], 0.5, TEACHER["Pong"])
+    runs_of(budget, "qdagger", "Breakout", [0, 1], 0.6, TEACHER["Breakout"])
+    runs_of(budget, "qdagger", "Pong", [0, 1], 0.9, TEACHER["Pong"], total_timesteps=10_000_000)
+    runs_of(budget, "tabula-rasa", "Pong", [0], 0.2, TEACHER["Pong"], teacher_checkpoint="/t/x", offline_steps=0)
+    runs_of(budget, "tabula-rasa", "Pong", [1], 0.2, TEACHER["Pong"], teacher_iteration=3, offline_steps=0)
+    code, out, err = run_cli([str(budget), "--out", str(tmp_path / "b"), "--reps", "10"], capsys)
+    assert code == 0, err
+    short, long_ = "qdagger [total_timesteps=2500000]", "qdagger [total_timesteps=10000000]"
+    agg = {r["method"]: r for r in read_csv(tmp_path / "b" / "aggregate.csv")}
+    assert set(agg) == {short, long_, "tabula-rasa"}
+    assert (agg[short]["runs"], agg[short]["games"], agg[long_]["runs"], agg[long_]["games"]) == ("4", "2", "2", "1")
+    assert float(agg[long_]["iqm"]) == pytest.approx(0.905, abs=1e-4)  # 0.9 and 0.91: only the 10M runs
+    assert float(agg[short]["mean"]) == pytest.approx((0.5 + 0.51 + 0.6 + 0.61) / 4, abs=1e-4)
+    for row in read_csv(tmp_path / "b" / "scores.csv"):
+        assert row["method"] == ("tabula-rasa" if "tabula-rasa" in row["run"] else short if row["final_step"] == "2500000" else long_)
+    assert f"| {long_} | 2 | 1 |" in out
+    assert f"reported apart, not pooled: qdagger as {long_}, {short}." in out
+    warning = next(l for l in err.splitlines() if l.startswith("warning: qdagger: its runs differ in"))
+    assert "its runs differ in total_timesteps: not pooled" in warning  # the teacherless runs' teacher flags do not count
+    assert f"{short} (4 runs)" in warning and f"{long_} (2 runs)" in warning
+    assert "track" not in err  # flags that change nothing learned are not compared
+
+    # teachers: Pong's runs with two teacher runs; each game's own path (the default or its own folder) is one teacher
+    teacher = tmp_path / "teacher"
+    runs_of(teacher, "qdagger", "Pong", [0, 1], 0.5, TEACHER["Pong"], teacher_checkpoint="/t/DQN_400/Pong/1")
+    runs_of(teacher, "qdagger", "Pong", [0, 1], 0.8, 15.0, teacher_checkpoint="/t/DQN_400/Pong/2")
+    runs_of(teacher, "qdagger", "Breakout", [0, 1], 0.6, TEACHER["Breakout"], teacher_checkpoint="/t/DQN_400/Breakout/1")
+    runs_of(teacher, "kickstarting", "Pong", [0, 1], 0.3, TEACHER["Pong"], teacher_checkpoint="/x/pg", offline_steps=0)
+    runs_of(teacher, "kickstarting", "Breakout", [0, 1], 0.3, TEACHER["Breakout"], teacher_checkpoint="/x/bo",
+            offline_steps=0, teacher_steps=5)  # no offline phase: the teacher data's size does not matter
+    code, out, err = run_cli([str(teacher), "--out", str(tmp_path / "t"), "--reps", "10"], capsys)
+    assert code == 0, err
+    one, two = "qdagger [teacher_checkpoint=/t/DQN_400/{game}/1]", "qdagger [teacher_checkpoint=/t/DQN_400/{game}/2]"
+    agg = {r["method"]: r for r in read_csv(tmp_path / "t" / "aggregate.csv")}
+    assert set(agg) == {one, two, "kickstarting"}
+    assert (agg[one]["runs"], agg[one]["games"], agg[two]["runs"], agg[two]["games"]) == ("4", "2", "2", "1")
+    assert float(agg[two]["mean"]) == pytest.approx(0.805, abs=1e-4)  # normalized by its own teacher's G_T of 15
+    assert f"reported apart, not pooled: qdagger as {one}, {two}." in out
+    # --pool-teacher pools G_T per game and teacher: not Pong's two teachers together
+    code, out, err = run_cli([str(teacher), "--out", str(tmp_path / "p"), "--reps", "10", "--pool-teacher"], capsys)
+    assert code == 0, err
+    pooled = {(r["method"], round(float(r["teacher_score"]), 3)) for r in read_csv(tmp_path / "p" / "scores.csv") if r["game"] == "Pong"}
+    assert pooled == {(one, TEACHER["Pong"]), (two, 15.0), ("kickstarting", TEACHER["Pong"])}
+    # --group-by naming the flag gives the same groups under its own labels, with nothing to set apart
+    code, out, err = run_cli([str(budget), "--out", str(tmp_path / "g"), "--reps", "10", "--group-by", "method,total_timesteps"], capsys)
+    assert code == 0, err
+    assert {r["method"] for r in read_csv(tmp_path / "g" / "aggregate.csv")} == {
+        "qdagger:2500000", "qdagger:10000000", "tabula-rasa:2500000"}
+    assert "differ in" not in err and "reported apart" not in out
+
+
+def test_other_differing_flags_are_pooled_with_a_warning(capsys):
+    from reincarnate import config
+
+    runs = memory_runs({"qdagger": [0.5, 0.6]})
+    for run in runs:
+        run.config.update(distill_coef=float(run.seed + 1), total_timesteps="2500000" if run.seed else 2_500_000.0,
+                          wandb_entity=f"me{run.seed}")
+    scored = report.score_runs(runs)
+    err = capsys.readouterr().err
+    assert {r.label for r in scored} == {"qdagger"}  # "2500000" and 2500000.0 are one budget
+    assert "warning: qdagger: its runs also differ in distill_coef, pooled as one method" in err
+    assert "wandb_entity" not in err and "total_timesteps" not in err
+    assert config.RUNTIME_FLAGS <= report.NOT_COMPARED  # the flags that change nothing learned are never compared
+
+
+def test_wandb_export_budgets_are_reported_apart(tmp_path, capsys):
+    path = tmp_path / "export.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Name", "env_id", "seed", "method", "config.total_timesteps", "teacher_checkpoint", "global_step",
+                    "eval/episodic_return", "teacher/mean_return"])
+        for budget, level in ((2_500_000, 0.5), (10_000_000, 0.9)):
+            for seed in range(2):
+                w.writerow([f"r{budget}-{seed}", "Pong-v5", seed, "qdagger", budget, "", budget,
+                            raw_return("Pong", level), TEACHER["Pong"]])
+    code, out, err = run_cli(["--wandb-export", str(path), "--out", str(tmp_path / "o"), "--reps", "10"], capsys)
+    assert code == 0, err
+    agg = {r["method"]: float(r["iqm"]) for r in read_csv(tmp_path / "o" / "aggregate.csv")}
+    assert agg == {"qdagger [total_timesteps=2500000]": pytest.approx(0.5, abs=1e-5),
+                   "qdagger [total_timesteps=10000000]": pytest.approx(0.9, abs=1e-5)}
