@@ -66,6 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the training scripts live in the repository root
 
 import teacher_utils as tu  # noqa: E402
+from reincarnate.dopamine_checkpoints import _masked_crc32c  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -175,6 +176,10 @@ def _limits(cfg: Throughput, script, teacher_params, K: int) -> dict:
     import jax.numpy as jnp
     import optax
 
+    from reincarnate import speed
+    from reincarnate.replay import Batch
+    from reincarnate.training import QState, phase_coefs
+
     rainbow = cfg.algo == "rainbow"
     args = script.Args(network=cfg.network, num_envs=cfg.num_envs)
     out = {}
@@ -210,34 +215,35 @@ def _limits(cfg: Throughput, script, teacher_params, K: int) -> dict:
 
         out[f"{who}_act_per_s"] = _timed(act_once, cfg.limit_seconds)
 
-    # The update alone: the script's own update function on device-resident batches.
+    # The update alone: the script's own update function (as its learner builds it) on device-resident batches, with the
+    # optimizer, the loss weights and the teacher of the offline phase passed as that phase passes them (traced).
     B = args.batch_size
-    tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=1.5e-4)
-    state = script.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
-    batches = script.Batch(
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(args.learning_rate, np.float32), eps=args.adam_eps)
+    state = QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
+    batches = Batch(
         obs=jnp.asarray(rng.integers(0, 256, (K, B, 4, 84, 84), np.uint8)), actions=jnp.asarray(rng.integers(0, 4, (K, B)), jnp.int32),
         returns=jnp.asarray(rng.uniform(-1, 1, (K, B)), jnp.float32), discounts=jnp.full((K, B), 0.99**3, jnp.float32),
         next_obs=jnp.asarray(rng.integers(0, 256, (K, B, 4, 84, 84), np.uint8)), teacher_q=jnp.asarray(rng.normal(size=(K, B, 4)), jnp.float32),
-        index=jnp.zeros((K, B), jnp.int32), **({"weights": jnp.ones((K, B), jnp.float32)} if rainbow else {}))
-    c = script.coefs(1.0, args.distill_coef, 1e-4)
+        index=jnp.zeros((K, B), jnp.int32), weights=jnp.ones((K, B), jnp.float32))
+    c = phase_coefs(args, 1.0, args.learning_rate, offline=True)
     if rainbow:
-        upd = script.make_update(student, script.make_support(args), args.temperature, args.double_dqn)
-        one = lambda s, b, k: upd(s, b, b.teacher_q, c, k)[0]  # noqa: E731
+        upd = script.make_update(student, support, args, teacher.apply)
+        one = lambda s, b, tp, c, k: upd(s, b, tp, c, k)[0]  # noqa: E731
     else:
-        upd = script.make_update(student, args.temperature)
-        one = lambda s, b, k: upd(s, b, b.teacher_q, c)[0]  # noqa: E731
+        upd = script.make_update(student, args, teacher.apply)
+        one = lambda s, b, tp, c, k: upd(s, b, tp, c)[0]  # noqa: E731
     single = jax.jit(one, donate_argnums=0)
-    fused = jax.jit(lambda s, bs, k: script.fused_scan(lambda s, i: (one(s, jax.tree.map(lambda x: x[i], bs), k), None), s, K)[0],
+    fused = jax.jit(lambda s, bs, tp, c, k: speed.fused_scan(lambda s, i: (one(s, jax.tree.map(lambda x: x[i], bs), tp, c, k), None), s, K)[0],
                     donate_argnums=0)
     first = jax.tree.map(lambda x: x[0], batches)
     holder = {"s": state}
 
     def single_once():
-        holder["s"] = single(holder["s"], first, key)
+        holder["s"] = single(holder["s"], first, teacher_params, c, key)
         return holder["s"].step
 
     def fused_once():
-        holder["s"] = fused(holder["s"], batches, key)
+        holder["s"] = fused(holder["s"], batches, teacher_params, c, key)
         return holder["s"].step
 
     out["update_single_per_s"] = _timed(single_once, cfg.limit_seconds)
@@ -295,10 +301,12 @@ def throughput(cfg: Throughput) -> None:
 
     import qdagger_dqn_atari_jax as dqn
     import qdagger_rainbow_atari_jax as rainbow
+    from reincarnate import speed
+    from reincarnate.replay import replay_bytes
 
     script = rainbow if cfg.algo == "rainbow" else dqn
     args = script.Args(network=cfg.network, num_envs=cfg.num_envs)  # the paper's settings: the budget and train_frequency
-    K = cfg.updates_per_call or (8 if script.on_cpu() else 100)
+    K = cfg.updates_per_call or (8 if speed.on_cpu() else 100)
     if errors := budget_errors(cfg, K, args.train_frequency):
         raise SystemExit("error: a phase would time nothing after its first, compiling call: " + "; ".join(errors))
     device = jax.devices()[0]
@@ -315,8 +323,8 @@ def throughput(cfg: Throughput) -> None:
                               paper_offline_steps=args.offline_steps, paper_online_steps=args.total_timesteps)
     rows = -(-args.buffer_size // cfg.num_envs) * cfg.num_envs
     # The student's replay caches the teacher's Q (4 actions in Breakout) while distillation is on.
-    online_bytes = script.replay_bytes([rows], 4, prioritized=True) if cfg.algo == "rainbow" else script.replay_bytes([rows], 4)
-    sizes = {"bytes_per_transition": online_bytes / rows, "teacher_bytes_per_transition": script.replay_bytes([rows], 4) / rows,
+    online_bytes = replay_bytes([rows], 4, prioritized=cfg.algo == "rainbow")
+    sizes = {"bytes_per_transition": online_bytes / rows, "teacher_bytes_per_transition": replay_bytes([rows], 4) / rows,
              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     result = {**config, **measured, **derived, **sizes}
     if cfg.json:
@@ -347,7 +355,7 @@ def teacher_load(cfg: TeacherLoad) -> None:
             ms = 1e3 * _median_time(lambda: tu.load_teacher(run), cfg.repeats)
             print(f"{name:<24} {t.kind:<5} {size:8.1f} {ms:8.1f}")
     x = np.random.default_rng(0).standard_normal((7744, 512)).astype(np.float32)
-    ms = 1e3 * _median_time(lambda: tu._masked_crc32c(x), cfg.repeats)
+    ms = 1e3 * _median_time(lambda: _masked_crc32c(x), cfg.repeats)
     print(f"crc32c of a {x.nbytes / 2**20:.1f} MB tensor: {ms:.2f} ms ({x.nbytes / 2**30 / (ms / 1e3):.1f} GiB/s)")
 
 

@@ -225,6 +225,7 @@ def enjoy(args: Args) -> dict:
     import jax
 
     import qdagger_dqn_atari_jax as dqn
+    from reincarnate.evaluation import evaluate, summary
 
     _check(args)
     if args.env_id is not None:
@@ -252,14 +253,14 @@ def enjoy(args: Args) -> dict:
         recorder = _FirstEpisodeRecorder(envs)
         act = dqn.make_act(ckpt.q_values)
         params = jax.device_put(ckpt.params)
-        returns, lengths, steps = dqn.evaluate(act, params, recorder, args.eval_steps, args.epsilon, jax.random.PRNGKey(args.seed),
-                                               desc="enjoy", max_episodes=args.eval_episodes)
+        returns, lengths, steps = evaluate(act, params, recorder, args.eval_steps, args.epsilon, jax.random.PRNGKey(args.seed),
+                                           desc="enjoy", max_episodes=args.eval_episodes)
     finally:
         envs.close()
 
     for i, (r, n) in enumerate(zip(returns, lengths), 1):
         print(f"episode {i}: return {r:g}, length {n}")
-    line = dqn.summary(env_id, returns, steps)
+    line = summary(env_id, returns, steps)
     try:
         rnd = tu.random_score(env_id)
     except tu.EnvIdError:

@@ -697,14 +697,18 @@ def read_script_args(script: str) -> ScriptArgs:
     except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
         return ScriptArgs()
     info = ScriptArgs()
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Args":
-            fields = [n for n in node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
-            if not node.bases:  # (a base class's fields would not be seen here)
-                info.fields = {n.target.id for n in fields}
-            for n in fields:
-                if n.target.id == "method":
-                    info.methods = _literal_strings(n.annotation)
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    # The scripts' Args extend the flags every student shares (reincarnate/config.py, beside the script): read them too.
+    try:
+        shared = ast.parse((Path(script).resolve().parent / "reincarnate" / "config.py").read_text())
+        classes = {**{node.name: node for node in shared.body if isinstance(node, ast.ClassDef)}, **classes}
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        pass
+    if "Args" in classes:
+        info.fields = _class_fields(classes, "Args")
+        for n in classes["Args"].body:
+            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id == "method":
+                info.methods = _literal_strings(n.annotation)
     if info.methods is None:  # no Literal: the keys of a module-level METHODS = {...} table
         for node in tree.body:
             target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else getattr(node, "target", None)
@@ -714,6 +718,19 @@ def read_script_args(script: str) -> ScriptArgs:
                 if keys and len(keys) == len(value.keys):
                     info.methods = keys
     return info
+
+
+def _class_fields(classes: dict[str, ast.ClassDef], name: str) -> set[str] | None:
+    """The field names of dataclass `name` and of its bases (None if a base is not among `classes`: not checked)."""
+    node = classes[name]
+    fields = {n.target.id for n in node.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    for base in node.bases:
+        base_name = base.id if isinstance(base, ast.Name) else base.attr if isinstance(base, ast.Attribute) else None
+        inherited = _class_fields(classes, base_name) if base_name in classes else None
+        if inherited is None:
+            return None
+        fields |= inherited
+    return fields
 
 
 def _literal_strings(annotation: ast.expr) -> list[str] | None:

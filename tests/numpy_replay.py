@@ -1,8 +1,9 @@
 """The numpy frame-store replay the scripts used before the replay moved onto the device.
 
-Kept as an independent oracle: the JAX buffers in both scripts must give the same
-valid set, n-step returns, discounts and stacks on the same streams, and the same
-priorities for the prioritized one. (Moved here unchanged from the scripts.)
+Kept as an independent oracle: the JAX buffer both scripts use (reincarnate/replay.py),
+uniform and prioritized, must give the same valid set, n-step returns, discounts and
+stacks on the same streams, and the same priorities when prioritized. (Moved here
+unchanged from the scripts.)
 """
 
 from __future__ import annotations

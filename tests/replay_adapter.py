@@ -1,5 +1,5 @@
-"""A numpy-buffer-like face (add / sample / len) of a script's device replay, so the
-ground-truth replay tests drive the real JAX functions."""
+"""A numpy-buffer-like face (add / sample / len) of the device replay (reincarnate/replay.py), uniform or
+prioritized, so the ground-truth replay tests drive the real JAX functions."""
 
 from __future__ import annotations
 
@@ -9,19 +9,20 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 
+from reincarnate import replay
+
 
 class DeviceReplay:
-    def __init__(self, script, capacity: int, num_envs: int, n_step: int, gamma: float, prioritized: bool = False):
-        self.script, self.num_envs, self.n_step, self.gamma = script, num_envs, n_step, gamma
+    def __init__(self, capacity: int, num_envs: int, n_step: int, gamma: float, prioritized: bool = False):
+        self.num_envs, self.n_step, self.gamma, self.prioritized = num_envs, n_step, gamma, prioritized
         self.rows = -(-capacity // num_envs)
-        kwargs = dict(prioritized=True) if prioritized else {}
-        self.rb = script.make_replay([self.rows] * num_envs, 0, **kwargs)
-        add = functools.partial(script.replay_add, n_step=n_step) if prioritized else script.replay_add
-        self._add = jax.jit(add, static_argnums=1)
+        self.rb = replay.make_replay([self.rows] * num_envs, 0, prioritized=prioritized)
+        # n_step decides when a row of a prioritized replay enters the sum tree (the uniform one ignores it)
+        self._add = jax.jit(functools.partial(replay.replay_add, n_step=n_step), static_argnums=1)
         if prioritized:
-            self._sample = jax.jit(functools.partial(script.replay_sample_prioritized, n_step=n_step, gamma=gamma, beta=0.5), static_argnums=2)
+            self._sample = jax.jit(functools.partial(replay.replay_sample_prioritized, n_step=n_step, gamma=gamma, beta=0.5), static_argnums=2)
         else:
-            self._sample = jax.jit(functools.partial(script.replay_sample, n_step=n_step, gamma=gamma), static_argnums=2)
+            self._sample = jax.jit(functools.partial(replay.replay_sample, n_step=n_step, gamma=gamma), static_argnums=2)
 
     @property
     def count(self) -> np.ndarray:
@@ -40,5 +41,4 @@ class DeviceReplay:
             raise RuntimeError("too few valid transitions to sample a batch")
         b = jax.device_get(batch)
         return SimpleNamespace(obs=b.obs, next_obs=b.next_obs, actions=b.actions, returns=b.returns, discounts=b.discounts,
-                               env_idx=b.index // self.rows, row_idx=b.index % self.rows, index=b.index,
-                               weights=getattr(b, "weights", None))
+                               env_idx=b.index // self.rows, row_idx=b.index % self.rows, index=b.index, weights=b.weights)

@@ -16,6 +16,7 @@ import pytest
 
 import teacher_utils as tu
 from bundle_table import data_block_handles, index_handle
+from reincarnate.dopamine_checkpoints import _masked_crc32c, _read_bundle_index
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ROOT = FIXTURES.parent.parent
@@ -90,7 +91,7 @@ def test_tf_reader_reports_a_corrupt_index_block(fixture_copy, tmp_path):
 def test_tf_reader_reports_a_corrupt_tensor(fixture_copy, tmp_path):
     prefix = _copy_bundle(fixture_copy("teacher_tf") / "checkpoints", tmp_path, "tf_ckpt-3")
     data = prefix.with_name("tf_ckpt-3.data-00000-of-00001")
-    entries = tu._read_bundle_index(prefix)[1]
+    entries = _read_bundle_index(prefix)[1]
     victim = entries["Online/fully_connected/weights"]
     raw = bytearray(data.read_bytes())
     raw[victim.offset + victim.size // 2] ^= 0x01
@@ -125,7 +126,7 @@ def test_tf_reader_refuses_snappy_blocks(fixture_copy, tmp_path):
     index = bytearray(path.read_bytes())
     off, size = index_handle(bytes(index))
     index[off + size] = 1  # compression type: snappy, with a valid crc so only the type is wrong
-    index[off + size + 1 : off + size + 5] = struct.pack("<I", tu._masked_crc32c(bytes(index[off : off + size + 1])))
+    index[off + size + 1 : off + size + 5] = struct.pack("<I", _masked_crc32c(bytes(index[off : off + size + 1])))
     path.write_bytes(bytes(index))
     with pytest.raises(tu.CheckpointError, match="snappy"):
         tu.read_tf_checkpoint(prefix)

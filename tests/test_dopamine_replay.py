@@ -27,6 +27,9 @@ import pytest
 from gcs_emulator import GcsEmulator
 
 import teacher_utils as tu
+from reincarnate import downloads
+from reincarnate.dopamine_checkpoints import _pick_iteration
+from reincarnate.dopamine_replay import _human_size
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "dopamine_replay"
 RUN = FIXTURE / "run"  # checkpoints/*_ckpt.7.gz + sentinel_checkpoint_complete.7
@@ -271,7 +274,7 @@ def test_run_folder_uses_the_teachers_iteration(tmp_path):
         shutil.copy(ck / f"{r}_ckpt.7.gz", ck / f"{r}_ckpt.9.gz")
     (ck / "ckpt.7").write_bytes(b"teacher 7")
     (ck / "ckpt.9").write_bytes(b"teacher 9 (unfinished: no sentinel)")
-    kind, it = tu._pick_iteration([p.name for p in ck.iterdir()], str(ck), None)
+    kind, it = _pick_iteration([p.name for p in ck.iterdir()], str(ck), None)
     assert (kind, it) == ("jax", 7)
     assert load(run).iteration == 7
     assert load(run, iteration=9).iteration == 9
@@ -443,14 +446,14 @@ def test_gs_download_announces_size_then_loads(tmp_path, monkeypatch, capsys, la
     make_bucket(root, layout)
     seen: list[tuple[str, str]] = []  # (object, stderr printed before it was fetched)
     printed: list[str] = []
-    real = tu._download_object
+    real = downloads._download_object
 
     def spy(item, dest, *args, **kwargs):
         printed.append(capsys.readouterr().err)
         seen.append((item["name"], "".join(printed)))
         return real(item, dest, *args, **kwargs)
 
-    monkeypatch.setattr(tu, "_download_object", spy)
+    monkeypatch.setattr(downloads, "_download_object", spy)
     with GcsEmulator(root, bucket=BUCKET) as emu:
         replay = tu.load_dopamine_replay(f"gs://{BUCKET}/{PREFIX}", cache_dir=cache, base_url=emu.base_url, progress=False)
         printed.append(capsys.readouterr().err)
@@ -462,7 +465,7 @@ def test_gs_download_announces_size_then_loads(tmp_path, monkeypatch, capsys, la
         total = sum((root / f).stat().st_size for f in files)
         lines = [line for line in "".join(printed).splitlines() if line.startswith("downloading")]
         local = cache / BUCKET / PREFIX
-        assert lines == [f"downloading the teacher's replay for iteration 7: {tu._human_size(total)} in {len(files)} files to {local}"]
+        assert lines == [f"downloading the teacher's replay for iteration 7: {_human_size(total)} in {len(files)} files to {local}"]
         assert all("downloading the teacher's replay" in before for _, before in seen), "announced before the first byte"
         assert {o.object_name for o in emu.object_gets()} == set(files)
 

@@ -28,6 +28,7 @@ import yaml
 import qdagger_dqn_atari_jax as dqn
 import qdagger_rainbow_atari_jax as rainbow
 import teacher_utils as tu
+from reincarnate import config
 from reincarnate_utils import launch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,8 +126,10 @@ def test_sweep_file_is_well_formed(name):
     assert sweep["command"] == ["${env}", "${interpreter}", "${program}", "${args}"]
     assert sweep["method"] in {"grid", "random", "bayes"}
     assert sweep["metric"]["goal"] == "maximize" and sweep["metric"]["name"] in LOGGED_TAGS
-    # The metric is a tag the script really logs (mirrored by W&B's sync_tensorboard).
-    assert f'"{sweep["metric"]["name"]}"' in (ROOT / sweep["program"]).read_text()
+    # The metric is a tag the script really logs (mirrored by W&B's sync_tensorboard), by its own code or the run's
+    # logging helpers in reincarnate/run.py.
+    sources = (ROOT / sweep["program"]).read_text() + (ROOT / "reincarnate" / "run.py").read_text()
+    assert f'"{sweep["metric"]["name"]}"' in sources
     fields = {f.name for f in dataclasses.fields(module.Args)}
     params = sweep["parameters"]
     assert set(params) <= fields, set(params) - fields
@@ -155,11 +158,11 @@ def test_sweep_commands_parse_into_args(name, tmp_path, monkeypatch):
     params = sweep["parameters"]
     points = grid_points(params) if sweep["method"] == "grid" else random_points(params, 4)
     seen_bools = {}
-    for i, config in enumerate(points):
-        argv = agent_argv(sweep, config, tmp_path / str(i), monkeypatch)
+    for i, point in enumerate(points):
+        argv = agent_argv(sweep, point, tmp_path / str(i), monkeypatch)
         assert all(tok.startswith("--") and "=" in tok for tok in argv), argv  # the agent's --name=value form
-        args = tu.parse_args(module.Args, argv)
-        for pname, value in config.items():
+        args = config.parse_args(module.Args, argv)
+        for pname, value in point.items():
             got = getattr(args, pname)
             if isinstance(value, bool):
                 assert got is value, (pname, value, got, argv)
@@ -175,8 +178,8 @@ def test_sweep_commands_parse_into_args(name, tmp_path, monkeypatch):
 
 
 def test_sweep_parameter_names_take_underscores_and_hyphens():
-    a = tu.parse_args(dqn.Args, ["--env_id=Pong-v5", "--distill_decay_period=10", "--clip_lambda=False", "--track=True"])
-    b = tu.parse_args(dqn.Args, ["--env-id=Pong-v5", "--distill-decay-period=10", "--no-clip-lambda", "--track"])
+    a = config.parse_args(dqn.Args, ["--env_id=Pong-v5", "--distill_decay_period=10", "--clip_lambda=False", "--track=True"])
+    b = config.parse_args(dqn.Args, ["--env-id=Pong-v5", "--distill-decay-period=10", "--no-clip-lambda", "--track"])
     assert a == b and a.env_id == "Pong-v5" and a.track is True and a.clip_lambda is False
 
 
@@ -608,7 +611,7 @@ def test_emit_grid_writes_one_parsable_line_per_run(tmp_path, monkeypatch):
         tokens = shlex.split(line)
         assert tokens == ["--env-id", env_id, "--seed", str(seed), "--method", method, "--run-name",
                           expected_name(env_id, seed, method), "--wandb-project-name", "my project", "--clip-lambda"]
-        args = tu.parse_args(dqn.Args, tokens)
+        args = config.parse_args(dqn.Args, tokens)
         assert (args.env_id, args.seed, args.method, args.run_name) == (env_id, seed, method, expected_name(env_id, seed, method))
         assert args.wandb_project_name == "my project" and args.clip_lambda is True
 
@@ -640,7 +643,7 @@ def test_sbatch_runs_its_array_line_and_resumes(tmp_path, monkeypatch):
     r, recorded = run_sbatch(tmp_path, 2, "grid.txt", DQN_SCRIPT)
     assert r.returncode == 0 and recorded[2:] == [str(DQN_SCRIPT), *shlex.split(lines[1]), "--resume"]
     assert f"resuming {name}" in r.stdout
-    assert tu.parse_args(dqn.Args, recorded[3:]).resume is True
+    assert config.parse_args(dqn.Args, recorded[3:]).resume is True
     # Other tasks are not.
     r, recorded = run_sbatch(tmp_path, 1, "grid.txt", DQN_SCRIPT)
     assert "--resume" not in recorded

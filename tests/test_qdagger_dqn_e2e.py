@@ -2,8 +2,8 @@
 lines, the paper's protocol (teacher replay, epsilon, evaluation), and a check
 that offline distillation actually distils."""
 
+import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +20,8 @@ import compile_log
 from hub_emulator import HubEmulator, client_env
 import qdagger_dqn_atari_jax as q
 import teacher_utils as tu
+from reincarnate.evaluation import evaluate
+from reincarnate.training import coefs, lambda_learning_rate, linear_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "qdagger_dqn_atari_jax.py"
@@ -357,7 +359,7 @@ def test_offline_distillation_matches_the_teacher(fixture_copy):
     params = student.init(jax.random.PRNGKey(1), np.zeros((1, 4, 84, 84), np.uint8))
     state = q.QState.create(apply_fn=student.apply, params=params, target_params=params,
                             tx=optax.inject_hyperparams(optax.adam)(learning_rate=1e-4, eps=1.5e-4))
-    update = jax.jit(q.make_update(student, temperature=0.1))
+    update = jax.jit(q.make_update(student, q.Args(temperature=0.1), teacher.apply))
     held_out = sample(rb, jax.random.PRNGKey(123), 256)
     teacher_q = teacher.apply(teacher_params, held_out.obs)
     teacher_action = np.asarray(jnp.argmax(teacher_q, -1))
@@ -370,10 +372,10 @@ def test_offline_distillation_matches_the_teacher(fixture_copy):
         return kl, float(np.mean(np.asarray(jnp.argmax(student_q, -1)) == teacher_action))
 
     kl0, agree0 = measure(state.params)
-    c = q.coefs(0.0, 1.0, 1e-4)  # distillation only
-    for i in range(400):
+    c = coefs(0.0, 1.0, 1e-4)  # distillation only
+    for i in range(400):  # the teacher's Q of the batch by a forward pass (the scripts cache it with the stored states)
         b = sample(rb, jax.random.PRNGKey(1000 + i), 32)
-        state, metrics = update(state, b, teacher.apply(teacher_params, b.obs), c)
+        state, metrics = update(state, b._replace(teacher_q=teacher.apply(teacher_params, b.obs)), teacher_params, c)
     kl1, agree1 = measure(state.params)
     assert kl1 < 0.5 * kl0, (kl0, kl1)  # measured: 1.35 -> 0.48
     assert agree1 > majority + 0.2 and agree1 > agree0 + 0.3, (majority, agree0, agree1)  # measured: 0.22 -> 0.77, majority 0.39
@@ -399,11 +401,11 @@ def test_evaluation_counts_an_episode_that_straddles_the_budget():
     the previous protocol (stop at the budget, drop unfinished episodes) would have lost the second episode."""
     envs = tu.make_teacher_envs("Breakout-v5", 1, seed=0, max_episode_steps=100)
     noop = jax.jit(lambda p, o, k, e: (jnp.zeros(o.shape[0], jnp.int32), jnp.zeros((o.shape[0], 4)), k))
-    returns, lengths, steps = q.evaluate(noop, None, envs, 150, 0.0, jax.random.PRNGKey(0))
+    returns, lengths, steps = evaluate(noop, None, envs, 150, 0.0, jax.random.PRNGKey(0))
     assert lengths == [100, 100] and steps == 200
     # Several envs: every episode started before the budget is counted, none after it starts.
     envs4 = tu.make_teacher_envs("Breakout-v5", 4, seed=0, max_episode_steps=30)
-    returns, lengths, steps = q.evaluate(noop, None, envs4, 130, 0.0, jax.random.PRNGKey(0))
+    returns, lengths, steps = evaluate(noop, None, envs4, 130, 0.0, jax.random.PRNGKey(0))
     assert lengths == [30] * 8 and steps == 240  # 4 at 30 steps (120 < 130), 4 more, then the budget is spent
     envs.close()
     envs4.close()
@@ -415,7 +417,7 @@ def _tiny_learner(**overrides):
     params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=1.5e-4)
     state = q.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
-    return args, student, state, q.make_learner(args, student, 4, teacher_q_fn=student.apply)  # a teacher of the student's architecture
+    return args, student, state, q.make_learner(args, student, student.apply, jax.devices()[0])  # a teacher of the student's architecture
 
 
 def _teacher_params():
@@ -447,20 +449,22 @@ def test_fused_offline_updates_equal_single_updates():
     inside the fused block)."""
     args, _, state0, learner = _tiny_learner(target_network_frequency=12, train_frequency=4)  # sync every 3 updates
     trb = _teacher_buffer()
-    c = q.coefs(1.0, 3.0, 1e-4)
+    c, tp = coefs(1.0, 3.0, 1e-4), jax.device_put(_teacher_params())
     fused, key = jax.tree.map(jnp.copy, state0), jax.random.PRNGKey(7)
-    fused, key, m_fused = learner.offline(fused, trb, key, jnp.int32(0), 5, c)
+    fused, key, m_fused = learner.offline(fused, trb, key, 0, 5, c, tp)
     single, key1 = jax.tree.map(jnp.copy, state0), jax.random.PRNGKey(7)
     losses = []
     for step in range(5):
-        single, key1, m = learner.offline(single, trb, key1, jnp.int32(step), 1, c)
+        single, key1, m = learner.offline(single, trb, key1, step, 1, c, tp)
         losses.append(float(m["loss"][0]))
     np.testing.assert_allclose(np.asarray(m_fused["loss"]), losses, rtol=2e-5)
     for a, b in zip(jax.tree.leaves((fused.params, fused.target_params, fused.opt_state)),
                     jax.tree.leaves((single.params, single.target_params, single.opt_state))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
     # --replay-on-host: the same updates composed from separate jitted pieces (sample where the data lives, update, sync)
-    host, key2, m_host = q.offline_on_host_replay(learner, jax.tree.map(jnp.copy, state0), trb, jax.random.PRNGKey(7), 0, 5, c, 3, jax.devices()[0])
+    host_args = dataclasses.replace(args, replay_on_host=True)
+    host_learner = q.make_learner(host_args, q.make_student("nature", 4), q.make_student("nature", 4).apply, jax.devices()[0])
+    host, key2, m_host = host_learner.offline(jax.tree.map(jnp.copy, state0), trb, jax.random.PRNGKey(7), 0, 5, c, tp)
     np.testing.assert_allclose(np.asarray(m_host["loss"]), losses, rtol=2e-5)
     assert np.array_equal(np.asarray(key2), np.asarray(key1))
     for a, b in zip(jax.tree.leaves((host.params, host.target_params)), jax.tree.leaves((single.params, single.target_params))):
@@ -481,22 +485,22 @@ def test_no_recompilation_after_warm_up():
     key, tp = jax.random.PRNGKey(0), jax.device_put(_teacher_params())
     obs = rng.integers(0, 256, (2, 4, 84, 84), np.uint8)
     for i in range(30):  # warm-up: fill the buffer, then the update counts a run meets (0, 1 or 2 per vector step), a sync
-        state, rb, key, _ = learner.online(state, rb, None, key, *steps[i], tp, q.coefs(1.0, 3.0, 1e-4), i == 29, n_updates=max(i - 27, 0))
-    state, key, _ = learner.offline(state, trb, key, jnp.int32(0), 4, q.coefs(1.0, 3.0, 1e-4))
+        state, rb, key, _ = learner.online(state, rb, None, key, jax.device_put(steps[i]), tp, coefs(1.0, 3.0, 1e-4), i == 29, max(i - 27, 0))
+    state, key, _ = learner.offline(state, trb, key, 0, 4, coefs(1.0, 3.0, 1e-4), tp)
     act(state.params, obs, key, 1.0)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, *_, **__: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
     for i in range(30, 45):
         lam = 1.0 - i / 50
-        c = q.coefs(1.0, 3.0 * lam, q.lambda_learning_rate(lam, 1e-4, 1e-5), margin=0.5 * lam)
-        state, rb, key, _ = learner.online(state, rb, None, key, *steps[i], tp, c, i % 4 == 0, n_updates=i % 3)  # the target sync is traced
-        state, key, _ = learner.offline(state, trb, key, jnp.int32(i), 4, c)
-        act(state.params, obs, key, q.linear_schedule(1.0, 0.01, 50, i))
+        c = coefs(1.0, 3.0 * lam, lambda_learning_rate(lam, 1e-4, 1e-5), margin=0.5 * lam)
+        state, rb, key, _ = learner.online(state, rb, None, key, jax.device_put(steps[i]), tp, c, i % 4 == 0, i % 3)  # the target sync is traced
+        state, key, _ = learner.offline(state, trb, key, i, 4, c, tp)
+        act(state.params, obs, key, linear_schedule(1.0, 0.01, 50, i))
     assert compiles == []  # XLA compiled nothing after the warm-up
-    c0 = q.coefs(1.0, 0.0, 1e-5, margin=0.0)
+    c0 = coefs(1.0, 0.0, 1e-5, margin=0.0)
     for i in range(45, 57):  # lambda = 0 for good: the step without the teacher, for each update count once
-        state, rb, key, _ = learner.online(state, rb, None, key, *steps[i], None, c0, i % 4 == 0, n_updates=i % 3)
+        state, rb, key, _ = learner.online(state, rb, None, key, jax.device_put(steps[i]), None, c0, i % 4 == 0, i % 3)
         if i == 47:
             assert len(compiles) == 3
             compiles.clear()
@@ -504,19 +508,20 @@ def test_no_recompilation_after_warm_up():
 
 
 def test_replay_on_host_path_equals_the_fused_online_step():
-    """--replay-on-host composes the same pure functions from separate jitted pieces: same state and buffer."""
+    """--replay-on-host composes the same pure functions from separate jitted pieces (the teacher's Q computed on the
+    accelerator, the newest frames sent to the host replay, sample there, update on the accelerator, sync by its own
+    call): the same state and buffer as the fused online step."""
     args, student, state0, learner = _tiny_learner()
+    host_learner = q.make_learner(dataclasses.replace(args, replay_on_host=True), student, student.apply, jax.devices()[0])
     steps = _online_steps(np.random.default_rng(1), 40)
-    c = q.coefs(1.0, 3.0, 1e-4)
-    tp, teacher_q = _teacher_params(), jax.jit(student.apply)  # the host path is sent the teacher's Q computed on the device
+    c, tp = coefs(1.0, 3.0, 1e-4), _teacher_params()
     a_state, a_rb, a_key = jax.tree.map(jnp.copy, state0), q.make_replay([64, 64], 4), jax.random.PRNGKey(2)
     b_state, b_rb, b_key = jax.tree.map(jnp.copy, state0), q.make_replay([64, 64], 4), jax.random.PRNGKey(2)
     for t, tr in enumerate(steps):
         n = 2 if t >= 20 else 0
-        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, None, a_key, *tr, tp, c, t == 30, n_updates=n)  # the sync inside the step
-        b_state, b_rb, b_key, _ = q.learn_on_host_replay(learner, b_state, b_rb, None, b_key, (*tr, teacher_q(tp, tr[0])), n, c, jax.devices()[0])
+        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, None, a_key, jax.device_put(tr), tp, c, t == 30, n)  # the sync inside the step
+        b_state, b_rb, b_key, _ = host_learner.online(b_state, b_rb, None, b_key, jax.device_put(tr), tp, c, t == 30, n)
         if t == 30:
-            b_state = learner.sync(b_state)  # --replay-on-host syncs by a separate call after the step's updates
             synced = jax.tree.map(np.asarray, b_state.params)
     for a, b in zip(jax.tree.leaves((a_state.params, a_state.target_params, a_rb)), jax.tree.leaves((b_state.params, b_state.target_params, b_rb))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
@@ -534,10 +539,10 @@ def test_the_storing_call_computes_the_teacher_q_of_the_acted_on_states():
     steps = _online_steps(np.random.default_rng(3), 12)
     with_q, zeros, oracle, none = q.make_replay([16, 16], 4), q.make_replay([16, 16], 4), q.make_replay([16, 16], 4), q.make_replay([16, 16], 0)
     for tr in steps:
-        with_q = learner.store(with_q, *tr, tp)
-        zeros = learner.store(zeros, *tr, None)
+        with_q = learner.store(with_q, jax.device_put(tr), tp)
+        zeros = learner.store(zeros, jax.device_put(tr), None)
         oracle = q.replay_add(oracle, 0, *tr, np.asarray(student.apply(tp, tr[0])))
-        none = learner.store(none, *tr, None)
+        none = learner.store(none, jax.device_put(tr), None)
     np.testing.assert_allclose(np.asarray(with_q.teacher_q), np.asarray(oracle.teacher_q), rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(with_q.teacher_q)).sum() > 0 and not np.asarray(zeros.teacher_q).any()
     for a, b in zip(jax.tree.leaves(with_q._replace(teacher_q=0)), jax.tree.leaves(none._replace(teacher_q=0))):

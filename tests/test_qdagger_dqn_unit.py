@@ -1,6 +1,8 @@
-"""Unit tests of qdagger_dqn_atari_jax.py: the QDagger loss, n-step targets,
-schedules, the frame replay buffer, the networks, the flag checks and the GPU
-launch flags a script sets at import.
+"""Unit tests of qdagger_dqn_atari_jax.py and what it uses from reincarnate/: the
+QDagger loss and update (with and without the teacher), n-step targets, the
+schedules (reincarnate/training.py), the frame replay buffer (reincarnate/replay.py,
+uniform as the DQN's), the networks, the flag checks (reincarnate/config.py) and the
+GPU launch flags a script sets at import.
 
 Expected values are computed here by hand / with plain numpy, independently of
 the script's code. The replay tests drive the device replay (through
@@ -22,6 +24,8 @@ import pytest
 
 import qdagger_dqn_atari_jax as q
 import teacher_utils as tu
+from reincarnate import config, replay, training
+from reincarnate.errors import ConfigError
 from replay_adapter import DeviceReplay
 
 N_STEP = 3
@@ -168,6 +172,68 @@ def test_no_gradient_into_teacher_or_target():
     np.testing.assert_allclose(np.asarray(g_td), expected, atol=1e-7)
 
 
+def test_qdagger_dqn_loss_without_teacher_q_has_the_td_loss_and_no_teacher_terms():
+    """teacher_q=None (no teacher, or lambda is 0 for good): the same TD (and CQL) loss as with the teacher's Q, and
+    the distillation and margin terms 0 even at positive weights, by design: no term reads zeros in place of the
+    teacher's Q (which would score a uniform teacher: a KL > 0 and margins toward action 0)."""
+    args = (jnp.asarray(Q), jnp.asarray(ACTIONS), jnp.asarray(TD_TARGET))
+    weights = dict(distill_weight=jnp.float32(3.0), temperature=0.1, cql_weight=jnp.float32(0.5), margin_weight=jnp.float32(1.0))
+    loss_t, m_t = q.qdagger_dqn_loss(*args, jnp.asarray(TEACHER_Q), **weights)
+    loss_0, m_0 = q.qdagger_dqn_loss(*args, None, **weights)
+    assert float(m_t["distill_loss"]) > 0 and float(m_t["margin_loss"]) > 0  # live with the teacher's Q
+    assert float(m_0["distill_loss"]) == 0.0 and float(m_0["margin_loss"]) == 0.0
+    assert float(m_0["td_loss"]) == float(m_t["td_loss"]) == pytest.approx(1.3125, rel=1e-6)
+    assert float(m_0["cql_loss"]) == float(m_t["cql_loss"]) > 0
+    assert float(loss_0) == pytest.approx(float(m_0["td_loss"]) + 0.5 * float(m_0["cql_loss"]), rel=1e-6)
+    # zeros in place of the teacher's Q would not be 0: None is not a placeholder for them
+    _, m_z = q.qdagger_dqn_loss(*args, jnp.zeros_like(jnp.asarray(TEACHER_Q)), **weights)
+    assert float(m_z["distill_loss"]) > 0 and float(m_z["margin_loss"]) > 0
+    # the gradient is the TD + CQL one
+    g_0 = jax.grad(lambda qv: q.qdagger_dqn_loss(qv, *args[1:], None, **weights)[0])(jnp.asarray(Q))
+    g_td = jax.grad(lambda qv: q.qdagger_dqn_loss(qv, *args[1:], None, jnp.float32(0.0), 0.1, cql_weight=jnp.float32(0.5))[0])(jnp.asarray(Q))
+    np.testing.assert_array_equal(np.asarray(g_0), np.asarray(g_td))
+
+
+def make_dqn_update_case(batch_size=4, num_actions=4):
+    """A Nature student, its Adam state, a teacher with the batch's cached Q-values of its states, and a batch."""
+    import optax
+
+    rng = np.random.default_rng(21)
+    args = q.Args()
+    student, teacher = q.make_student("nature", num_actions), tu.DopamineNatureDQN(num_actions)
+    obs = rng.integers(0, 256, (batch_size, 4, 84, 84), np.uint8)
+    params = student.init(jax.random.PRNGKey(0), obs)
+    teacher_params = teacher.init(jax.random.PRNGKey(1), obs)
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=args.adam_eps)
+    state = training.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
+    batch = replay.Batch(obs=obs, actions=rng.integers(0, num_actions, batch_size).astype(np.int32),
+                         returns=rng.uniform(-1, 1, batch_size).astype(np.float32), discounts=np.array([0.99**3, 0.0, 0.99, 0.99**3], np.float32),
+                         next_obs=rng.integers(0, 256, (batch_size, 4, 84, 84), np.uint8),
+                         teacher_q=np.asarray(teacher.apply(teacher_params, obs)), index=np.arange(batch_size, dtype=np.int32),
+                         weights=np.ones(batch_size, np.float32))
+    return args, student, teacher, state, teacher_params, batch
+
+
+def test_update_without_teacher_params_is_the_update_with_the_teacher_terms_weighted_0():
+    """make_update's update with teacher_params None (no loss may use the teacher; a replay caching no teacher Q, 0
+    columns) gives bit for bit the new params of the update with the teacher at distillation and margin weight 0, and
+    logs its teacher terms as 0 even at positive weights; with the teacher at a positive weight the update differs."""
+    args, student, teacher, state, teacher_params, batch = make_dqn_update_case()
+    update = jax.jit(q.make_update(student, args, teacher.apply))
+    no_q = batch._replace(teacher_q=np.zeros((batch.obs.shape[0], 0), np.float32))
+    s_none, m_none = update(state, no_q, None, training.coefs(1.0, 3.0, 1e-4, margin=1.0))  # positive weights, no teacher
+    s_zero, m_zero = update(state, batch, teacher_params, training.coefs(1.0, 0.0, 1e-4))  # the teacher, weights 0
+    s_live, m_live = update(state, batch, teacher_params, training.coefs(1.0, 3.0, 1e-4, margin=1.0))
+    for a, b in zip(jax.tree.leaves((s_none.params, s_none.opt_state)), jax.tree.leaves((s_zero.params, s_zero.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(m_none["distill_loss"]) == 0.0 and float(m_none["margin_loss"]) == 0.0
+    assert float(m_none["td_loss"]) == float(m_zero["td_loss"]) > 0
+    assert float(m_live["distill_loss"]) > 0 and float(m_live["margin_loss"]) > 0
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(s_live.params), jax.tree.leaves(s_zero.params)))
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(jax.tree.leaves(s_none.params), jax.tree.leaves(state.params))]
+    assert max(moved) > 0  # the TD step itself moved the params
+
+
 # ============================================================================
 # 2. n-step targets
 # ============================================================================
@@ -185,22 +251,22 @@ def test_nstep_td_target_hand_values():
 # ============================================================================
 def test_linear_schedule():
     """epsilon: 1.0 -> 0.01 linearly over 50,000 steps, then flat."""
-    assert q.linear_schedule(1.0, 0.01, 50_000, 0) == pytest.approx(1.0)
-    assert q.linear_schedule(1.0, 0.01, 50_000, 25_000) == pytest.approx(0.505)
-    assert q.linear_schedule(1.0, 0.01, 50_000, 50_000) == pytest.approx(0.01)
-    assert q.linear_schedule(1.0, 0.01, 50_000, 10**6) == pytest.approx(0.01)
+    assert training.linear_schedule(1.0, 0.01, 50_000, 0) == pytest.approx(1.0)
+    assert training.linear_schedule(1.0, 0.01, 50_000, 25_000) == pytest.approx(0.505)
+    assert training.linear_schedule(1.0, 0.01, 50_000, 50_000) == pytest.approx(0.01)
+    assert training.linear_schedule(1.0, 0.01, 50_000, 10**6) == pytest.approx(0.01)
 
 
 def test_lambda_learning_rate():
     """lr = lambda * 1e-4 + (1 - lambda) * 1e-5."""
-    assert q.lambda_learning_rate(1.0, 1e-4, 1e-5) == pytest.approx(1e-4)
-    assert q.lambda_learning_rate(0.0, 1e-4, 1e-5) == pytest.approx(1e-5)
-    assert q.lambda_learning_rate(0.5, 1e-4, 1e-5) == pytest.approx(5.5e-5)
+    assert training.lambda_learning_rate(1.0, 1e-4, 1e-5) == pytest.approx(1e-4)
+    assert training.lambda_learning_rate(0.0, 1e-4, 1e-5) == pytest.approx(1e-5)
+    assert training.lambda_learning_rate(0.5, 1e-4, 1e-5) == pytest.approx(5.5e-5)
 
 
 def test_distill_lambda_update_normal_cases():
     """lambda = max(1 - (G_S - G_R) / (G_T - G_R), 0) as the reference's record_score, with G_T = 100, G_R = 10."""
-    upd = lambda lam, gs, clip=False: q.distill_lambda_update(lam, gs, 100.0, 10.0, 250_000, 1_500_000, clip)
+    upd = lambda lam, gs, clip=False: training.distill_lambda_update(lam, gs, 100.0, 10.0, 250_000, 1_500_000, clip)
     lam, reason = upd(1.0, 30.0)  # tns = 20 / 90
     assert lam == pytest.approx(1 - 20 / 90) and reason == ""
     assert upd(1.0, 55.0)[0] == pytest.approx(0.5)  # tns = 45 / 90
@@ -215,28 +281,28 @@ def test_distill_lambda_update_decay_period_ends_at_the_evaluation_that_reaches_
     """The reference zeroes lambda when online_training_steps > distill_decay_period at record_score; its
     iterations overshoot 250,000 steps (the episode in progress is finished), so the evaluation after iteration
     decay_period / 250,000 already sees more. Ours are exact: that evaluation sees exactly the period."""
-    lam, reason = q.distill_lambda_update(0.7, 40.0, 100.0, 10.0, 1_250_000, 1_500_000)
+    lam, reason = training.distill_lambda_update(0.7, 40.0, 100.0, 10.0, 1_250_000, 1_500_000)
     assert lam == pytest.approx(1 - 30 / 90) and reason == ""  # one iteration before: still the score
-    lam, reason = q.distill_lambda_update(0.7, 40.0, 100.0, 10.0, 1_500_000, 1_500_000)
+    lam, reason = training.distill_lambda_update(0.7, 40.0, 100.0, 10.0, 1_500_000, 1_500_000)
     assert lam == 0.0 and "decay period" in reason  # the last 4 of DQN's 10 iterations (5 of Rainbow's 15) at lambda 0
 
 
 def test_distill_lambda_update_kept_values():
     """lambda == 0 stays 0; missing/invalid scores keep lambda with a reason."""
-    lam, _ = q.distill_lambda_update(0.7, None, None, 10.0, 2_000_000, 1_500_000)
+    lam, _ = training.distill_lambda_update(0.7, None, None, 10.0, 2_000_000, 1_500_000)
     assert lam == 0.0
     # lambda reached 0: stays 0 even if the student got worse (tns would give 1 - 0 = 1)
-    lam, reason = q.distill_lambda_update(0.0, 10.0, 100.0, 10.0, 500_000, 1_500_000)
+    lam, reason = training.distill_lambda_update(0.0, 10.0, 100.0, 10.0, 500_000, 1_500_000)
     assert lam == 0.0 and reason
     # the student evaluation finished no episode
-    lam, reason = q.distill_lambda_update(0.4, None, 100.0, 10.0, 500_000, 1_500_000)
+    lam, reason = training.distill_lambda_update(0.4, None, 100.0, 10.0, 500_000, 1_500_000)
     assert lam == 0.4 and isinstance(reason, str) and reason
     # the teacher evaluation finished no episode
-    lam, reason = q.distill_lambda_update(0.4, 50.0, None, 10.0, 500_000, 1_500_000)
+    lam, reason = training.distill_lambda_update(0.4, 50.0, None, 10.0, 500_000, 1_500_000)
     assert lam == 0.4 and reason
     # teacher no better than random: tns undefined
     for g_t in (5.0, 10.0):
-        lam, reason = q.distill_lambda_update(0.4, 50.0, g_t, 10.0, 500_000, 1_500_000)
+        lam, reason = training.distill_lambda_update(0.4, 50.0, g_t, 10.0, 500_000, 1_500_000)
         assert lam == 0.4 and isinstance(reason, str) and reason
 
 
@@ -395,7 +461,7 @@ def test_replay_stacking_zero_padding_and_short_episodes():
     """obs = last 4 frames oldest -> newest; steps 0-2 of an episode are zero-padded, never
     frames of the previous episode; 1- and 2-step episodes bootstrap/terminate correctly."""
     gamma = 0.99
-    buf = DeviceReplay(q, 200, 1, N_STEP, gamma)
+    buf = DeviceReplay(200, 1, N_STEP, gamma)
     sim = VecSim(1, scripted([[(5, "term"), (2, "trunc"), (1, "term")]]))
     sim.run(buf, 20)  # ep0: 5 steps + reset, ep1: 2 + reset, ep2: 1 + reset, ep3: 9 steps (t=0..8)
     counts = collect(buf, sim, gamma, draws=1500)
@@ -426,7 +492,7 @@ def test_replay_stacking_zero_padding_and_short_episodes():
 
 def test_replay_row_accounting_skips_reset_step():
     """One row per transition + one FINAL row per episode end; envpool's reset step adds nothing."""
-    buf = DeviceReplay(q, 500, 1, N_STEP, 0.99)
+    buf = DeviceReplay(500, 1, N_STEP, 0.99)
     sim = VecSim(1, scripted([[(5, "term"), (2, "trunc"), (1, "term")]]))
     sim.run(buf, 20)
     # 20 vector steps = 17 transitions (3 reset steps skipped) + 3 FINAL rows
@@ -442,7 +508,7 @@ def test_replay_nstep_returns_at_termination_and_far_from_ends():
     """Termination: returns stop at the terminal step, discount 0. Far from the end:
     r0 + g r1 + g^2 r2, discount g^3, next_obs = the stack 3 steps later. (gamma = 0.9)"""
     g = 0.9
-    buf = DeviceReplay(q, 200, 1, N_STEP, g)
+    buf = DeviceReplay(200, 1, N_STEP, g)
     sim = VecSim(1, scripted([[(6, "term", NSTEP_REWARDS)]]))
     sim.run(buf, 12)
     b = buf.sample(600, np.random.default_rng(0))
@@ -468,7 +534,7 @@ def test_replay_bootstraps_through_truncation():
     """Truncation: a transition k steps before the truncating step has discount g^(k+1) != 0
     and next_obs = the stack ending with the episode's final frame s_T."""
     g = 0.9
-    buf = DeviceReplay(q, 200, 1, N_STEP, g)
+    buf = DeviceReplay(200, 1, N_STEP, g)
     sim = VecSim(1, scripted([[(6, "trunc", NSTEP_REWARDS)]]))
     sim.run(buf, 12)
     b = buf.sample(600, np.random.default_rng(0))
@@ -489,7 +555,7 @@ def test_replay_wraparound_never_mixes_old_and_new():
     """After writing > 2.5x the capacity, every sample is consistent with the ground truth and
     uses only frames still stored; the set of sampled transitions is exactly the valid one."""
     gamma = 0.99
-    buf = DeviceReplay(q, 24, 1, N_STEP, gamma)
+    buf = DeviceReplay(24, 1, N_STEP, gamma)
     sim = VecSim(1, scripted([[(4, "term"), (9, "trunc"), (2, "term"), (13, "term"), (7, "trunc"),
                                (1, "trunc"), (5, "term"), (11, "trunc"), (6, "term")]]))
     for steps in (10, 17, 13, 9, 11, 7):  # check at several fill levels, across the wrap
@@ -505,7 +571,7 @@ def test_replay_wraparound_never_mixes_old_and_new():
 def test_replay_multi_env_streams_never_mix():
     """num_envs = 3 with different episode ends: each stack comes from a single env."""
     gamma = 0.99
-    buf = DeviceReplay(q, 300, 3, N_STEP, gamma)
+    buf = DeviceReplay(300, 3, N_STEP, gamma)
     sim = VecSim(3, scripted([[(2, "term"), (5, "trunc"), (3, "term")],
                               [(7, "term"), (1, "term"), (4, "trunc")],
                               [(4, "trunc"), (4, "term")]]))
@@ -524,7 +590,7 @@ def test_replay_multi_env_streams_never_mix():
 def test_replay_long_episode_full_stacks_past_255_steps():
     """Steps beyond 255 (uint8 step counters) still get full 4-frame stacks, no zero padding."""
     gamma = 0.99
-    buf = DeviceReplay(q, 700, 1, N_STEP, gamma)
+    buf = DeviceReplay(700, 1, N_STEP, gamma)
     sim = VecSim(1, scripted([[(600, "trunc")]]))
     sim.run(buf, 610)
     counts = collect(buf, sim, gamma, draws=3000, batch=500)
@@ -533,11 +599,11 @@ def test_replay_long_episode_full_stacks_past_255_steps():
 
 def test_replay_bytes_per_transition():
     """<= 7.2 KB per transition, and equal to the allocated arrays / rows."""
-    rb = q.make_replay([500, 500], 0)
+    rb = replay.make_replay([500, 500], 0)
     per_row = [a for a in rb if a.shape[:1] == (1000,)]
     assert any(a.shape == (1000, 84, 84) and a.dtype == np.uint8 for a in per_row)
-    assert q.replay_bytes([500, 500], 0) == sum(a.nbytes for a in per_row)
-    assert q.replay_bytes([500, 500], 0) / 1000 <= 7200
+    assert replay.replay_bytes([500, 500], 0) == sum(a.nbytes for a in per_row)
+    assert replay.replay_bytes([500, 500], 0) / 1000 <= 7200
     # per-stream bookkeeping is O(num_envs), not per row
     assert sum(a.nbytes for a in rb if a.shape[:1] != (1000,)) < 100
 
@@ -553,7 +619,7 @@ def test_replay_brute_force_random_episodes():
     def plan(i, e, rng):
         return int(rng.choice([1, 2, 3, 4, 5, 7, 10, 14])), ("term" if rng.random() < 0.5 else "trunc")
 
-    buf = DeviceReplay(q, cap, 2, N_STEP, gamma)
+    buf = DeviceReplay(cap, 2, N_STEP, gamma)
     sim = VecSim(2, plan, seed=123)
     seen_end_types = set()
     for steps in (25, 40, 60, 75):
@@ -573,7 +639,7 @@ def test_replay_brute_force_random_episodes():
 
 
 def test_replay_sample_empty_raises():
-    buf = DeviceReplay(q, 100, 1, N_STEP, 0.99)
+    buf = DeviceReplay(100, 1, N_STEP, 0.99)
     with pytest.raises(RuntimeError):
         buf.sample(4, np.random.default_rng(0))
 
@@ -616,8 +682,8 @@ def test_make_student():
 # 6. flag checks
 # ============================================================================
 def test_check_args_defaults_pass():
-    q.check_args(q.Args())
-    q.check_args(dataclasses.replace(q.Args(), teacher_steps=10, offline_steps=0))  # no offline phase: tiny data ok
+    config.check_args(q.Args())
+    config.check_args(dataclasses.replace(q.Args(), teacher_steps=10, offline_steps=0))  # no offline phase: tiny data ok
 
 
 @pytest.mark.parametrize("changes, flag", [
@@ -630,8 +696,8 @@ def test_check_args_defaults_pass():
 ])
 def test_check_args_rejects(changes, flag):
     """Each bad value raises ConfigError with a one-line message naming the flag."""
-    with pytest.raises(q.ConfigError) as err:
-        q.check_args(dataclasses.replace(q.Args(), **changes))
+    with pytest.raises(ConfigError) as err:
+        config.check_args(dataclasses.replace(q.Args(), **changes))
     msg = str(err.value)
     assert flag in msg and "\n" not in msg
 

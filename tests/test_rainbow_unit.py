@@ -1,9 +1,11 @@
-"""Unit tests of qdagger_rainbow_atari_jax: C51 projection and loss, distillation with a
-distributional student, the vectorised sum tree, prioritized frame replay, noisy /
-dueling / double-DQN variants."""
+"""Unit tests of qdagger_rainbow_atari_jax and what it uses from reincarnate/: C51 projection and loss,
+distillation with a distributional student (with and without the teacher), the vectorised sum tree and the
+prioritized frame replay (reincarnate/replay.py), noisy / dueling / double-DQN variants, the update, the learner
+on the device and on the host replay (--replay-on-host), the flag checks (reincarnate/config.py)."""
 
-import io
 import contextlib
+import functools
+import io
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,8 @@ import pytest
 import tyro
 
 import qdagger_rainbow_atari_jax as qr
+from reincarnate import config, replay, training
+from reincarnate.errors import ConfigError
 from replay_adapter import DeviceReplay
 
 SUPPORT51 = np.linspace(-10.0, 10.0, 51, dtype=np.float32)  # dz = 0.4
@@ -171,6 +175,27 @@ def test_distillation_with_a_distributional_student_by_hand():
     assert np.abs(np.asarray(g_student)).sum() > 0
 
 
+def test_rainbow_loss_without_teacher_q_has_the_td_loss_and_no_teacher_terms():
+    """teacher_q=None (no teacher, or lambda is 0 for good): the same weighted CE (and CQL) loss and per-sample CE as
+    with the teacher's Q, and the distillation and margin terms 0 even at positive weights, by design: no term reads
+    zeros in place of the teacher's Q (which would score a uniform teacher: a KL > 0)."""
+    rng = np.random.default_rng(16)
+    z = jnp.asarray(np.array([-1.0, 0.0, 1.0, 2.0], np.float32))
+    logits = jnp.asarray(rng.normal(size=(3, 3, 4)).astype(np.float32))
+    actions, target = jnp.array([1, 2, 0]), jnp.asarray(rng.dirichlet(np.ones(4), size=3).astype(np.float32))
+    teacher_q, w = jnp.array([[0.3, 0.1, -0.2], [1.0, 1.05, 0.9], [0.0, 0.5, 0.2]]), jnp.array([1.0, 0.25, 0.5])
+    weights = dict(temperature=0.1, cql_weight=jnp.float32(0.5), margin_weight=jnp.float32(1.0))
+    loss_t, (m_t, td_t) = qr.qdagger_rainbow_loss(logits, actions, target, teacher_q, z, w, jnp.float32(1.0), **weights)
+    loss_0, (m_0, td_0) = qr.qdagger_rainbow_loss(logits, actions, target, None, z, w, jnp.float32(1.0), **weights)
+    assert float(m_t["distill_loss"]) > 0 and float(m_t["margin_loss"]) > 0  # live with the teacher's Q
+    assert float(m_0["distill_loss"]) == 0.0 and float(m_0["margin_loss"]) == 0.0
+    assert float(m_0["td_loss"]) == float(m_t["td_loss"]) > 0 and float(m_0["cql_loss"]) == float(m_t["cql_loss"]) > 0
+    np.testing.assert_array_equal(np.asarray(td_0), np.asarray(td_t))  # the priorities' CE
+    assert float(loss_0) == pytest.approx(float(m_0["td_loss"]) + 0.5 * float(m_0["cql_loss"]), rel=1e-6)
+    _, (m_z, _) = qr.qdagger_rainbow_loss(logits, actions, target, jnp.zeros_like(teacher_q), z, w, jnp.float32(1.0), **weights)
+    assert float(m_z["distill_loss"]) > 0  # zeros in place of the teacher's Q would not be 0
+
+
 # ----------------------------------------------------------------------------
 # Sum tree (JAX, level by level)
 # ----------------------------------------------------------------------------
@@ -187,17 +212,17 @@ def check_tree_consistent(tree):
 def test_sum_tree_set_total_and_masked_leaves():
     tree = new_tree(6)
     assert tree.shape == (16,)
-    tree = qr.tree_set(tree, jnp.array([0, 2, 5]), jnp.array([1.0, 3.0, 0.5]), jnp.array([True, True, True]))
+    tree = replay.tree_set(tree, jnp.array([0, 2, 5]), jnp.array([1.0, 3.0, 0.5]), jnp.array([True, True, True]))
     np.testing.assert_array_equal(np.asarray(tree[8:14]), [1, 0, 3, 0, 0, 0.5])
     assert float(tree[1]) == 4.5
-    tree = qr.tree_set(tree, jnp.array([2, 3]), jnp.array([0.25, 9.0]), jnp.array([True, False]))  # leaf 3 not kept
+    tree = replay.tree_set(tree, jnp.array([2, 3]), jnp.array([0.25, 9.0]), jnp.array([True, False]))  # leaf 3 not kept
     assert float(tree[8 + 3]) == 0.0 and float(tree[1]) == 1.75
     check_tree_consistent(tree)
 
 
 def test_sum_tree_totals_after_many_random_updates():
     rng = np.random.default_rng(7)
-    set_ = jax.jit(qr.tree_set)
+    set_ = jax.jit(replay.tree_set)
     for cap in [1, 2, 3, 1000, 4096]:
         tree = new_tree(cap)
         ref = np.zeros(cap)
@@ -214,11 +239,11 @@ def test_sum_tree_totals_after_many_random_updates():
 
 
 def test_sum_tree_find_is_the_inverse_cdf():
-    tree = qr.tree_set(new_tree(5), jnp.arange(5), jnp.array([1.0, 0.0, 2.0, 0.0, 1.0]), jnp.ones(5, bool))  # cumsum 1, 1, 3, 3, 4
+    tree = replay.tree_set(new_tree(5), jnp.arange(5), jnp.array([1.0, 0.0, 2.0, 0.0, 1.0]), jnp.ones(5, bool))  # cumsum 1, 1, 3, 3, 4
     q = jnp.array([0.0, 0.999, 1.0, 2.5, 2.999, 3.0, 3.999])
-    np.testing.assert_array_equal(np.asarray(qr.tree_find(tree, q)), [0, 0, 2, 2, 2, 4, 4])
+    np.testing.assert_array_equal(np.asarray(replay.tree_find(tree, q)), [0, 0, 2, 2, 2, 4, 4])
     # out of range queries (float round-off) still land on a positive leaf
-    assert set(np.asarray(qr.tree_find(tree, jnp.array([4.0, 4.0 + 1e-6, 100.0, -1e-7]))).tolist()) <= {0, 2, 4}
+    assert set(np.asarray(replay.tree_find(tree, jnp.array([4.0, 4.0 + 1e-6, 100.0, -1e-7]))).tolist()) <= {0, 2, 4}
 
 
 # ----------------------------------------------------------------------------
@@ -245,7 +270,7 @@ def leaves_of(rb):
     return tree[tree.shape[0] // 2:]
 
 
-_valid = jax.jit(qr.replay_valid, static_argnums=(3, 4))
+_valid = jax.jit(replay.replay_valid, static_argnums=(3, 4))
 
 
 def assert_priorities_mark_valid_rows(rb):
@@ -263,16 +288,16 @@ def assert_priorities_mark_valid_rows(rb):
 @pytest.mark.parametrize("num_envs,capacity,n_step", [(1, 37, 3), (3, 60, 3), (2, 41, 1), (4, 64, 5)])
 def test_priorities_exactly_on_valid_rows_through_wraparound(num_envs, capacity, n_step):
     rng = np.random.default_rng(10 + num_envs)
-    rb = DeviceReplay(qr, capacity, num_envs, n_step, 0.99, prioritized=True)
+    rb = DeviceReplay(capacity, num_envs, n_step, 0.99, prioritized=True)
     run_stream(rb, 150, rng, check=lambda rb, t: assert_priorities_mark_valid_rows(rb) if t % 5 == 4 else None)
     assert (rb.count > rb.rows).all()  # wrapped around several times
 
 
 def test_new_rows_get_the_max_priority_and_overwritten_rows_lose_theirs():
-    rb = DeviceReplay(qr, 20, 1, 3, 0.99, prioritized=True)
+    rb = DeviceReplay(20, 1, 3, 0.99, prioritized=True)
     f = np.zeros((1, 84, 84), np.uint8)
     step = lambda: rb.add(f, np.array([1]), np.array([0.5], np.float32), np.array([False]), np.array([False]), f)  # noqa: E731
-    set_p = lambda idx, loss: setattr(rb, "rb", qr.replay_set_priorities(rb.rb, jnp.array(idx), jnp.array(loss, jnp.float32), alpha=0.5))  # noqa: E731
+    set_p = lambda idx, loss: setattr(rb, "rb", replay.replay_set_priorities(rb.rb, jnp.array(idx), jnp.array(loss, jnp.float32), alpha=0.5))  # noqa: E731
     for _ in range(5):
         step()
     # rows 0, 1 have their 3-step bootstrap row (3, 4): valid at the initial max priority 1.0
@@ -296,7 +321,7 @@ def test_new_rows_get_the_max_priority_and_overwritten_rows_lose_theirs():
 
 def test_uniform_buffer_has_unit_weights_and_no_tree():
     rng = np.random.default_rng(13)
-    rb = DeviceReplay(qr, 50, 2, 3, 0.99)
+    rb = DeviceReplay(50, 2, 3, 0.99)
     run_stream(rb, 60, rng)
     b = rb.sample(8, rng)
     assert rb.rb.tree.shape == (2,) and b.weights.shape == (8,) and np.all(b.weights == 1.0)
@@ -326,6 +351,16 @@ def test_noisy_dense_keys_and_mean_weights():
     w = np.asarray(p["kernel_mu"]) + np.asarray(p["kernel_sigma"]) * np.outer(e_in, e_out)
     b = np.asarray(p["bias_mu"]) + np.asarray(p["bias_sigma"]) * e_out
     np.testing.assert_allclose(y1, np.asarray(x) @ w + b, rtol=1e-4, atol=1e-5)
+
+
+def linear_teacher(num_actions):
+    """A stand-in teacher, cheap to compile: Q(s) = mean pixel of s / 255 times one weight per action."""
+    params = {"w": jnp.linspace(-1.0, 1.0, num_actions)}
+
+    def q_fn(p, obs):
+        return jnp.mean(obs.astype(jnp.float32), axis=(1, 2, 3))[:, None] / 255.0 * p["w"][None, :]
+
+    return q_fn, params
 
 
 @pytest.fixture(scope="module")
@@ -381,20 +416,21 @@ def test_update_step_runs_with_every_flag(obs):
     student = qr.make_student(args, A)
     params = student.init(jax.random.PRNGKey(0), obs)
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=1e-4, eps=1.5e-4)
-    state = qr.QState.create(apply_fn=student.apply, params=params, target_params=params, tx=tx)
-    update = qr.make_update(student, support, 0.1, double_dqn=True)
-    teacher_q = np.array([[0.1, 0.5, -0.2, 0.0], [1.0, 0.9, 0.95, 1.2]], np.float32)
-    batch = qr.Batch(obs=obs, actions=np.array([0, 3], np.int32), returns=np.array([1.0, -0.5], np.float32),
-                     discounts=np.array([0.99**3, 0.0], np.float32), next_obs=obs[::-1], teacher_q=teacher_q,
-                     index=np.array([0, 1], np.int32), weights=np.array([1.0, 0.5], np.float32))
-    new_state, metrics, td = update(state, batch, teacher_q, qr.coefs(1.0, 1.0, 3e-5), jax.random.PRNGKey(2))
+    state = training.QState.create(apply_fn=student.apply, params=params, target_params=params, tx=tx)
+    teacher_q_fn, teacher_params = linear_teacher(A)
+    update = qr.make_update(student, support, args, teacher_q_fn)
+    teacher_q = np.array([[0.1, 0.5, -0.2, 0.0], [1.0, 0.9, 0.95, 1.2]], np.float32)  # cached in the batch: what the update reads
+    batch = replay.Batch(obs=obs, actions=np.array([0, 3], np.int32), returns=np.array([1.0, -0.5], np.float32),
+                         discounts=np.array([0.99**3, 0.0], np.float32), next_obs=obs[::-1], teacher_q=teacher_q,
+                         index=np.array([0, 1], np.int32), weights=np.array([1.0, 0.5], np.float32))
+    new_state, metrics, td = update(state, batch, teacher_params, training.coefs(1.0, 1.0, 3e-5), jax.random.PRNGKey(2))
     assert td.shape == (2,) and np.all(np.asarray(td) > 0)
     assert all(np.isfinite(float(v)) for v in metrics.values()) and float(metrics["distill_loss"]) > 0
     assert float(new_state.opt_state.hyperparams["learning_rate"]) == pytest.approx(3e-5)
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new_state.params, params)
     assert max(jax.tree_util.tree_leaves(moved)) > 0
     # lambda * c = 0: no distillation term
-    _, metrics0, _ = update(state, batch, teacher_q, qr.coefs(1.0, 0.0, 1e-5), jax.random.PRNGKey(2))
+    _, metrics0, _ = update(state, batch, teacher_params, training.coefs(1.0, 0.0, 1e-5), jax.random.PRNGKey(2))
     assert float(metrics0["distill_loss"]) == 0.0
     # noisy + epsilon-greedy act returns actions and the expected Q they came from
     act = qr.make_act(lambda p, o, k: qr.expected_q(student.apply(p, o, key=k), support))
@@ -403,13 +439,47 @@ def test_update_step_runs_with_every_flag(obs):
     np.testing.assert_array_equal(np.asarray(a), np.argmax(np.asarray(q), -1))
 
 
+def test_update_without_teacher_params_is_the_update_with_the_teacher_terms_weighted_0(obs):
+    """make_update's update with teacher_params None (no loss may use the teacher; a replay caching no teacher Q, 0
+    columns) gives bit for bit the new params and per-sample CE of the update with the teacher at distillation and
+    margin weight 0, and logs its teacher terms as 0 even at positive weights; with the teacher at a positive weight
+    the update differs."""
+    import optax
+
+    A = 4
+    args = qr.Args(num_atoms=11)
+    support, student = qr.make_support(args), qr.make_student(args, A)
+    params = student.init(jax.random.PRNGKey(0), obs)
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=1.5e-4)
+    state = training.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
+    teacher_q_fn, teacher_params = linear_teacher(A)
+    update = jax.jit(qr.make_update(student, support, args, teacher_q_fn))
+    batch = replay.Batch(obs=obs, actions=np.array([2, 1], np.int32), returns=np.array([0.5, -1.0], np.float32),
+                         discounts=np.array([0.99**3, 0.0], np.float32), next_obs=obs[::-1],
+                         teacher_q=np.asarray(teacher_q_fn(teacher_params, jnp.asarray(obs))), index=np.array([0, 1], np.int32),
+                         weights=np.array([1.0, 0.5], np.float32))
+    no_q = batch._replace(teacher_q=np.zeros((2, 0), np.float32))
+    key = jax.random.PRNGKey(3)
+    s_none, m_none, td_none = update(state, no_q, None, training.coefs(1.0, 1.0, 1e-4, margin=1.0), key)  # positive weights, no teacher
+    s_zero, m_zero, td_zero = update(state, batch, teacher_params, training.coefs(1.0, 0.0, 1e-4), key)  # the teacher, weights 0
+    s_live, m_live, _ = update(state, batch, teacher_params, training.coefs(1.0, 1.0, 1e-4, margin=1.0), key)
+    for a, b in zip(jax.tree.leaves((s_none.params, s_none.opt_state, td_none)), jax.tree.leaves((s_zero.params, s_zero.opt_state, td_zero))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(m_none["distill_loss"]) == 0.0 and float(m_none["margin_loss"]) == 0.0
+    assert float(m_none["td_loss"]) == float(m_zero["td_loss"]) > 0
+    assert float(m_live["distill_loss"]) > 0 and float(m_live["margin_loss"]) > 0
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(s_live.params), jax.tree.leaves(s_zero.params)))
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(jax.tree.leaves(s_none.params), jax.tree.leaves(state.params))]
+    assert max(moved) > 0  # the TD step itself moved the params
+
+
 def test_teacher_q_cached_in_the_teacher_buffer():
-    rb = qr.make_replay([20, 20], 3)
+    rb = replay.make_replay([20, 20], 3)
     f = np.zeros((2, 84, 84), np.uint8)
     for t in range(15):
         q = np.stack([np.full(3, 100 * e + t, np.float32) for e in range(2)])
-        rb = qr.replay_add(rb, 0, f, np.array([1, 2]), np.zeros(2, np.float32), np.array([False, t == 6]), np.zeros(2, bool), f, q)
-    b, ok = qr.replay_sample(rb, jax.random.PRNGKey(0), 16, 3, 0.99)
+        rb = replay.replay_add(rb, 0, f, np.array([1, 2]), np.zeros(2, np.float32), np.array([False, t == 6]), np.zeros(2, bool), f, q)
+    b, ok = replay.replay_sample(rb, jax.random.PRNGKey(0), 16, 3, 0.99)
     assert bool(ok)
     env, row = np.divmod(np.asarray(b.index), 20)
     # the row's teacher Q is the one given when its state was added
@@ -447,72 +517,102 @@ def test_help_documents_dopamine_prioritized_replay():
                                            (dict(per_alpha=-0.1), "--per-alpha"), (dict(per_beta=-1.0), "--per-beta"),
                                            (dict(temperature=0.0), "--temperature")])
 def test_bad_flags_raise_config_error(override, flag):
-    with pytest.raises(qr.ConfigError, match=flag):
-        qr.check_args(qr.Args(**override))
+    with pytest.raises(ConfigError, match=flag):
+        config.check_args(qr.Args(**override))
 
 
 def test_lambda_and_learning_rate():
-    assert qr.lambda_learning_rate(1.0, 1e-4, 1e-5) == pytest.approx(1e-4)
-    assert qr.lambda_learning_rate(0.5, 1e-4, 1e-5) == pytest.approx(5.5e-5)
-    lam, _ = qr.distill_lambda_update(1.0, 6.0, 11.0, 1.0, 1000, 2_500_000)  # tns = 0.5
+    assert training.lambda_learning_rate(1.0, 1e-4, 1e-5) == pytest.approx(1e-4)
+    assert training.lambda_learning_rate(0.5, 1e-4, 1e-5) == pytest.approx(5.5e-5)
+    lam, _ = training.distill_lambda_update(1.0, 6.0, 11.0, 1.0, 1000, 2_500_000)  # tns = 0.5
     assert lam == pytest.approx(0.5)
-    assert qr.distill_lambda_update(0.5, 1.0, 11.0, 1.0, 2_500_001, 2_500_000)[0] == 0.0
-    assert qr.distill_lambda_update(0.0, 1.0, 11.0, 1.0, 10, 2_500_000)[0] == 0.0
-    assert qr.distill_lambda_update(0.7, -5.0, 11.0, 1.0, 10, 2_500_000)[0] == pytest.approx(1.6)  # below random: no upper clip
-    assert qr.distill_lambda_update(0.7, -5.0, 11.0, 1.0, 10, 2_500_000, clip=True)[0] == 1.0
+    assert training.distill_lambda_update(0.5, 1.0, 11.0, 1.0, 2_500_001, 2_500_000)[0] == 0.0
+    assert training.distill_lambda_update(0.0, 1.0, 11.0, 1.0, 10, 2_500_000)[0] == 0.0
+    assert training.distill_lambda_update(0.7, -5.0, 11.0, 1.0, 10, 2_500_000)[0] == pytest.approx(1.6)  # below random: no upper clip
+    assert training.distill_lambda_update(0.7, -5.0, 11.0, 1.0, 10, 2_500_000, clip=True)[0] == 1.0
 
 
-def test_fused_offline_and_online_steps_equal_the_host_paths_and_rehearsal_without_cached_q():
-    """K fused offline updates, and online steps with their traced target sync, equal the --replay-on-host path
-    (separate jitted sample, update, sync: the same keys and target syncs); rehearsal mixes teacher rows into a
-    student replay that caches no teacher Q."""
+def test_device_and_host_replay_learners_agree_and_rehearsal_without_cached_q():
+    """The learner of --replay-on-host (the buffers on the host: each batch sampled there, the update, the new
+    priorities and the target sync as separate calls) gives the device learner's results (K fused offline updates;
+    online, the store, the updates with their new priorities and the traced target sync in one call): the same pure
+    functions, keys and target syncs. Online without the teacher (a replay caching no teacher Q) and with it
+    (distillation, the teacher's Q of the stored states, rehearsal from the teacher data); rehearsal mixes teacher rows
+    into a student replay that caches no teacher Q."""
     import optax
 
     A, B = 4, 8
-    args = qr.Args(network="nature", num_atoms=11, batch_size=B, target_network_frequency=12, train_frequency=4, rehearsal_ratio=0.5)
+    flags = dict(network="nature", num_atoms=11, batch_size=B, target_network_frequency=12, train_frequency=4, rehearsal_ratio=0.5)
+    args, host_args = qr.Args(**flags), qr.Args(**flags, replay_on_host=True)
     support = qr.make_support(args)
     student = qr.make_student(args, A)
     params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-4, np.float32), eps=1.5e-4)
-    state0 = qr.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
-    learner = qr.make_learner(args, student, support, A)
+    state0 = training.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
+    teacher_q_fn, teacher_params = linear_teacher(A)
+    device = jax.devices()[0]
+    learner = qr.make_learner(args, student, support, teacher_q_fn, device)
+    host_learner = qr.make_learner(host_args, student, support, teacher_q_fn, device)
     rng = np.random.default_rng(0)
+    copy = functools.partial(jax.tree.map, jnp.copy)
 
     def filled(q_dim, prioritized):
-        rb = qr.make_replay([40, 40], q_dim, prioritized=prioritized)
+        rb = replay.make_replay([40, 40], q_dim, prioritized=prioritized)
         for t in range(40):
             rb = learner.add(rb, 0, rng.integers(0, 256, (2, 84, 84), np.uint8), rng.integers(0, A, 2).astype(np.int32),
                              rng.uniform(-1, 1, 2).astype(np.float32), np.array([t % 11 == 10, False]), np.array([False, t % 13 == 12]),
                              rng.integers(0, 256, (2, 84, 84), np.uint8), rng.normal(size=(2, q_dim)).astype(np.float32) if q_dim else None)
         return rb
 
+    def assert_close(a, b, atol):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=atol)
+
     trb = filled(A, False)
-    c = qr.coefs(1.0, 1.0, 1e-4)
-    fused, key_f, m_f = learner.offline(jax.tree.map(jnp.copy, state0), trb, jax.random.PRNGKey(7), jnp.int32(0), 5, c)
-    host, key_h, m_h = qr.offline_on_host_replay(learner, jax.tree.map(jnp.copy, state0), trb, jax.random.PRNGKey(7), 0, 5, c, 3, jax.devices()[0])
+    c = training.coefs(1.0, 1.0, 1e-4)
+    fused, key_f, m_f = learner.offline(copy(state0), trb, jax.random.PRNGKey(7), 0, 5, c, teacher_params)
+    host, key_h, m_h = host_learner.offline(copy(state0), trb, jax.random.PRNGKey(7), 0, 5, c, teacher_params)
+    assert np.asarray(m_f["loss"]).shape == (5,) and np.all(np.asarray(m_f["distill_loss"]) > 0)  # the teacher's cached Q was read
     np.testing.assert_allclose(np.asarray(m_f["loss"]), np.asarray(m_h["loss"]), rtol=2e-5)
     assert np.array_equal(np.asarray(key_f), np.asarray(key_h))
-    for a, b in zip(jax.tree.leaves((fused.params, fused.target_params)), jax.tree.leaves((host.params, host.target_params))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
+    assert_close((fused.params, fused.target_params), (host.params, host.target_params), 1e-7)
 
     rb = filled(0, True)  # no distillation or margin term online: the student's replay caches 0 columns
     batch, ok, rehearsed = learner.sample(rb, trb, jax.random.PRNGKey(3))
     assert bool(ok) and batch.teacher_q.shape == (B, 0) and 0 < int(np.asarray(rehearsed).sum()) < B
 
-    # The online step (store, updates with new priorities, the target sync traced inside it) equals the
-    # --replay-on-host path, which syncs by a separate call.
-    a_state, b_state, a_rb, b_rb = jax.tree.map(jnp.copy, state0), jax.tree.map(jnp.copy, state0), jax.tree.map(jnp.copy, rb), jax.tree.map(jnp.copy, rb)
+    def transition(t):
+        return (rng.integers(0, 256, (2, 4, 84, 84), np.uint8), rng.integers(0, A, 2).astype(np.int32), rng.uniform(-1, 1, 2).astype(np.float32),
+                np.array([False, t == 3]), np.array([False, False]), rng.integers(0, 256, (2, 4, 84, 84), np.uint8))
+
+    # Without the teacher: the store, the updates with new priorities and a target sync (after step 2's updates)
+    a_state, b_state, a_rb, b_rb = copy(state0), copy(state0), copy(rb), copy(rb)
     a_key = b_key = jax.random.PRNGKey(9)
     for t in range(6):
-        tr = (rng.integers(0, 256, (2, 4, 84, 84), np.uint8), rng.integers(0, A, 2).astype(np.int32), rng.uniform(-1, 1, 2).astype(np.float32),
-              np.array([False, t == 3]), np.array([False, False]), rng.integers(0, 256, (2, 4, 84, 84), np.uint8))
-        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, None, a_key, *tr, None, c, t == 2, n_updates=2)  # no teacher params: 0 columns
-        b_state, b_rb, b_key, _ = qr.learn_on_host_replay(learner, b_state, b_rb, None, b_key, (*tr, None), 2, c, jax.devices()[0], args.per_alpha)
+        tr = transition(t)
+        a_state, a_rb, a_key, _ = learner.online(a_state, a_rb, None, a_key, tr, None, c, t == 2, 2)
+        b_state, b_rb, b_key, _ = host_learner.online(b_state, b_rb, None, b_key, tr, None, c, t == 2, 2)
         if t == 2:
-            b_state = learner.sync(b_state)
             synced = jax.tree.map(np.asarray, b_state.params)
-    for a, b in zip(jax.tree.leaves((a_state.params, a_state.target_params, a_rb)), jax.tree.leaves((b_state.params, b_state.target_params, b_rb))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(a_state.target_params), jax.tree.leaves(synced)):
-        np.testing.assert_allclose(np.asarray(a), b, rtol=2e-5, atol=1e-7)
+            assert_close(b_state.target_params, synced, 0.0)  # the host learner synced after the step's updates
+    assert_close((a_state.params, a_state.target_params, a_rb), (b_state.params, b_state.target_params, b_rb), 1e-6)
+    assert_close(a_state.target_params, synced, 1e-7)
     assert not all(np.allclose(np.asarray(a), b) for a, b in zip(jax.tree.leaves(a_state.params), jax.tree.leaves(synced)))  # learned after the sync
+    assert np.asarray(a_key).tolist() == np.asarray(b_key).tolist()
+
+    # With the teacher: its Q of the stored states cached (computed inside the device step; before the host store),
+    # distillation, and rehearsal from the teacher data
+    rb_q = filled(A, True)
+    a_state, b_state, a_rb, b_rb = copy(state0), copy(state0), copy(rb_q), copy(rb_q)
+    count0, steps = np.asarray(rb_q.count), [transition(t) for t in range(3)]
+    for tr in steps:
+        a_state, a_rb, a_key, m_a = learner.online(a_state, a_rb, trb, a_key, tr, teacher_params, c, False, 2)
+        b_state, b_rb, b_key, m_b = host_learner.online(b_state, b_rb, trb, b_key, tr, teacher_params, c, False, 2)
+        assert float(m_a["distill_loss"]) > 0 and float(m_a["rehearsal_share"]) == float(m_b["rehearsal_share"])
+        np.testing.assert_allclose(float(m_a["loss"]), float(m_b["loss"]), rtol=2e-5)
+    np.testing.assert_array_equal(np.asarray(a_rb.count), count0 + 3)  # every step stored (no episode end in them)
+    rows = np.arange(2)[None, :] * 40 + (count0[None, :] + np.arange(3)[:, None]) % 40  # (step, stream)
+    want = np.stack([np.asarray(teacher_q_fn(teacher_params, jnp.asarray(tr[0]))) for tr in steps])  # (step, stream, A)
+    np.testing.assert_allclose(np.asarray(a_rb.teacher_q)[rows], want, rtol=1e-6)
+    assert_close((a_state.params, a_state.target_params, a_rb), (b_state.params, b_state.target_params, b_rb), 1e-6)
+    assert np.asarray(a_key).tolist() == np.asarray(b_key).tolist()

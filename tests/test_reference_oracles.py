@@ -163,7 +163,7 @@ def test_offline_target_syncs_follow_the_persistence_loop():
 
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=np.asarray(1e-3, np.float32), eps=1.5e-4)
     state = q.QState.create(apply_fn=student.apply, params=params, target_params=jax.tree.map(jnp.copy, params), tx=tx)
-    learner = q.make_learner(args, student, num_actions, None)
+    learner = q.make_learner(args, student, None, jax.devices()[0])
     rng = np.random.default_rng(0)
     trb = q.make_replay([64], 0)
     for t in range(40):
@@ -179,7 +179,7 @@ def test_offline_target_syncs_follow_the_persistence_loop():
     key = jax.random.PRNGKey(1)
     got = []
     for i in range(8):
-        state, key, m = learner.offline(state, trb, key, jnp.int32(i), 1, c)
+        state, key, m = learner.offline(state, trb, key, i, 1, c, None)
         assert bool(m["sample_ok"].all())
         same = all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.target_params)))
         got.append(same)

@@ -13,6 +13,7 @@ import pytest
 
 import compile_log
 import teacher_utils as tu
+from reincarnate import run as rr
 from resume_helpers import checkpoints, final_line, finish, kill_in, one_value_per_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,7 +197,7 @@ def test_track_without_a_login_is_one_error_line(tmp_path, fixture_copy):
 
 
 def test_run_names_started_together_differ_and_show_game_method_seed():
-    names = {tu.default_run_name("Breakout-v5", "qdagger_dqn_atari_jax", "qdagger", 1) for _ in range(50)}
+    names = {rr.default_run_name("Breakout-v5", "qdagger_dqn_atari_jax", "qdagger", 1) for _ in range(50)}
     assert len(names) == 50
     assert all(n.startswith("Breakout-v5__qdagger_dqn_atari_jax__qdagger__1__") for n in names)
 
@@ -207,7 +208,7 @@ def test_disk_too_small_for_a_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(10 * 2**30, 9 * 2**30, 2**30))
     with pytest.raises(tu.RunError, match=r"need 6\.6 GiB on disk but .* has 1\.0 GiB free"):
-        tu.check_output_folder(tmp_path / "runs" / "x", 7063 * 1_000_000, "a checkpoint")
+        rr.check_output_folder(tmp_path / "runs" / "x", 7063 * 1_000_000, "a checkpoint")
 
 
 def test_a_diverging_loss_stops_the_run_naming_phase_and_step(tmp_path, fixture_copy):

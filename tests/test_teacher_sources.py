@@ -30,6 +30,8 @@ import pytest
 import qdagger_dqn_atari_jax as dqn
 import qdagger_rainbow_atari_jax as rainbow
 import teacher_utils as tu
+from reincarnate import run as rr
+from reincarnate import checkpoints as ck
 from hub_emulator import HubEmulator, client_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,7 +209,7 @@ def test_corrupt_model_and_probe_mismatch_are_one_line_errors(runs, tmp_path):
 
 
 def add_resume_checkpoint(folder: Path, seq: int, phase: str) -> Path:
-    """A complete resume checkpoint as tu.write_checkpoint lays it out (only meta.json matters to a teacher)."""
+    """A complete resume checkpoint as ck.write_checkpoint lays it out (only meta.json matters to a teacher)."""
     ckpt = folder / "checkpoints" / f"ckpt-{seq:06d}"
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text(json.dumps({"seq": seq, "phase": phase, "files": {}}))
@@ -561,41 +563,41 @@ def test_check_wandb_looks_for_a_key_locally(tmp_path, monkeypatch):
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    tu.check_wandb(False)
+    rr.check_wandb(False)
     with pytest.raises(tu.RunError, match="wandb login") as e:
-        tu.check_wandb(True)  # no ~/.netrc
+        rr.check_wandb(True)  # no ~/.netrc
     assert "\n" not in str(e.value)
     netrc = tmp_path / ".netrc"
     netrc.write_text("machine example.com\n  login user\n  password other\n")
     with pytest.raises(tu.RunError):
-        tu.check_wandb(True)  # another host's entry
+        rr.check_wandb(True)  # another host's entry
     netrc.write_text("machine api.wandb.ai\n  login user\n  password k" + "0" * 39 + "\n")
-    tu.check_wandb(True)
+    rr.check_wandb(True)
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com:8443")
     with pytest.raises(tu.RunError):
-        tu.check_wandb(True)  # a self-hosted server: its own entry is needed
+        rr.check_wandb(True)  # a self-hosted server: its own entry is needed
     netrc.write_text("machine wandb.example.com:8443 login user password local-key\n")
-    tu.check_wandb(True)
+    rr.check_wandb(True)
     netrc.write_text("this is not a netrc file\n")
     with pytest.raises(tu.RunError):
-        tu.check_wandb(True)  # malformed: no key, one line, no NetrcParseError
+        rr.check_wandb(True)  # malformed: no key, one line, no NetrcParseError
     other = tmp_path / "elsewhere"
     other.write_text("machine wandb.example.com:8443 login user password local-key\n")
     monkeypatch.setenv("NETRC", str(other))
-    tu.check_wandb(True)
+    rr.check_wandb(True)
     monkeypatch.delenv("NETRC")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    tu.check_wandb(True)
+    rr.check_wandb(True)
     monkeypatch.delenv("WANDB_API_KEY")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    tu.check_wandb(True)
+    rr.check_wandb(True)
 
 
 LOCK_HOLDER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    import teacher_utils as tu
-    tu.lock_run_folder(Path(sys.argv[1]))
+    from reincarnate import checkpoints as ck
+    ck.lock_run_folder(Path(sys.argv[1]))
     print("locked", flush=True)
     sys.stdin.read()  # hold the lock until the test closes stdin
 """)
@@ -607,19 +609,19 @@ def test_lock_run_folder_refuses_a_second_process(tmp_path):
     try:
         assert holder.stdout.readline() == "locked\n"
         with pytest.raises(tu.RunError) as e:
-            tu.lock_run_folder(tmp_path)
+            ck.lock_run_folder(tmp_path)
         assert str(e.value) == (f"another process is running in {tmp_path} (pid {holder.pid} per .lock); "
                                 f"wait for it to end or pass another --run-name")
     finally:
         holder.communicate("", timeout=60)
     assert holder.returncode == 0
-    tu.lock_run_folder(tmp_path)  # the holder is gone: its lock went with it
+    ck.lock_run_folder(tmp_path)  # the holder is gone: its lock went with it
     try:
         assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
     finally:
-        tu.lock_run_folder(tmp_path)  # this process holds it already: nothing to do
-        tu.unlock_run_folder(tmp_path)
-    assert not tu._RUN_LOCKS
+        ck.lock_run_folder(tmp_path)  # this process holds it already: nothing to do
+        ck.unlock_run_folder(tmp_path)
+    assert not ck._RUN_LOCKS
 
 
 def test_write_checkpoint_replaces_a_folder_of_the_same_seq_after_moving_it_aside(tmp_path, monkeypatch):
@@ -629,10 +631,10 @@ def test_write_checkpoint_replaces_a_folder_of_the_same_seq_after_moving_it_asid
     (stale / "junk.npy").write_bytes(b"from a run that resumed from an earlier checkpoint")
     renames = []
     real_rename = os.rename
-    monkeypatch.setattr(tu.os, "rename", lambda a, b: (renames.append((Path(a).name, Path(b).name)), real_rename(a, b))[1])
-    final = tu.write_checkpoint(root, 2, {"x": np.arange(3)}, {"phase": "online"}, keep=1)
+    monkeypatch.setattr(ck.os, "rename", lambda a, b: (renames.append((Path(a).name, Path(b).name)), real_rename(a, b))[1])
+    final = ck.write_checkpoint(root, 2, {"x": np.arange(3)}, {"phase": "online"}, keep=1)
     assert final == stale and sorted(p.name for p in final.iterdir()) == [tu.CHECKPOINT_SENTINEL, "meta.json", "x.npy"]
     old, tmp = f".old-ckpt-000002-{os.getpid()}", f".tmp-ckpt-000002-{os.getpid()}"
     assert renames == [("ckpt-000002", old), (tmp, "ckpt-000002")]  # never rmtree of the folder under its name
     assert sorted(p.name for p in root.iterdir()) == ["ckpt-000002"]  # the old one is gone afterwards
-    assert tu.latest_checkpoint(root)[1]["phase"] == "online"
+    assert ck.latest_checkpoint(root)[1]["phase"] == "online"
