@@ -424,6 +424,7 @@ def main(args: Args) -> None:
     # Everything that can fail before the first checkpoint is checked before anything is written: the flags, the env
     # id, the logins and the run folder (new, or --resume), then the teacher, the student and the buffers' sizes.
     run = Run(args, __file__, RUNTIME_FLAGS)
+    args = run.args  # with --resume, the run's own flags where the command line gives none
     if run.phase == "done":
         print(f"{run.dir} finished already; nothing to resume")
         return run.upload(tu.upload_hf)
@@ -663,8 +664,7 @@ def main(args: Args) -> None:
             # Q-values of the saved params on a few states, to check a reload against.
             probe_obs = np.asarray(learner.sample(rb, None, jax.random.PRNGKey(0))[0].obs[:8])
             save_model(run, state.params, probe_obs, np.asarray(student.apply(state.params, probe_obs)), returns, global_step, normalized, game)
-        run.save("done", final, {**tree_arrays("state", state), "keys": np.stack([key, offline_key, online_key])}, params=state.params,
-                 force=run.ckpt_dir.is_dir())  # with checkpoints off, only after an interrupted and resumed run
+        run.finish(final, {**tree_arrays("state", state), "keys": np.stack([key, offline_key, online_key])}, state.params)
     except Interrupted:  # the model so far, with --save-model
         run.save_params(state.params)
         raise

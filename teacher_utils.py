@@ -371,8 +371,9 @@ def _check_num_actions(teacher_actions: int, num_actions: int | None, trained_on
     """The one-line error when the teacher's action count is not the environment's."""
     if num_actions is not None and num_actions != teacher_actions:
         raise CheckpointError(
-            f"the teacher has {teacher_actions} actions but the environment has {num_actions}: use the env id of the teacher's game "
-            f"{trained_on}(its minimal action set), or full_action_space=True if the teacher was trained with all 18 actions"
+            f"the teacher has {teacher_actions} actions but the environment has {num_actions}: pass --env-id of the teacher's game "
+            f"{trained_on}(these envs use each game's minimal action set, as Dopamine's protocol; a teacher trained with all 18 "
+            f"actions cannot act in them)"
         )
 
 

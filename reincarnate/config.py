@@ -63,7 +63,15 @@ def parse_args(cls: type, argv: Sequence[str] | None = None, methods: dict[str, 
     applies the --method preset (``methods[args.method]``) to every flag not given explicitly."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = tyro.cli(cls, args=normalize_bool_flags(cls, argv))
-    return resolve_method(args, explicit_fields(cls, argv), methods=methods) if methods else args
+    explicit = explicit_fields(cls, argv)
+    args = resolve_method(args, explicit, methods=methods) if methods else args
+    args._explicit = frozenset(explicit)  # what --resume takes from the command line (the rest from the run's args.json)
+    return args
+
+
+def explicit_flags(args: Any) -> frozenset[str] | None:
+    """The flags the command line gave (parse_args), or None for Args built in code (every value counts as given)."""
+    return getattr(args, "_explicit", None)
 
 
 def resolve_method(args: Any, explicit: set[str] = frozenset(), *, methods: dict[str, dict]) -> Any:
@@ -176,19 +184,23 @@ class ProtocolArgs(RunArgs):
 # A resumed run may change these; every other flag must match the run's args.json.
 RUNTIME_FLAGS = {f.name for f in dataclasses.fields(RunArgs)}
 
-# The range of every numeric flag either script has: (low, high, low_open, high_open); None is unbounded.
+# The range of every numeric flag either script has, in one place: (low, high, low_open, high_open); None is
+# unbounded. Rates, sizes and periods > 0; counts and weights >= 0; probabilities and the discount in [0, 1].
+# (v_min and v_max are any numbers with v_min < v_max: checked together below.)
 _POSITIVE, _NON_NEGATIVE, _PROBABILITY = (0, None, True, False), (0, None, False, False), (0, 1, False, False)
 RANGES = {
     **dict.fromkeys(["num_envs", "eval_num_envs", "max_episode_steps", "total_timesteps", "buffer_size", "batch_size", "n_step",
                      "target_network_frequency", "train_frequency", "eval_frequency", "eval_steps", "log_frequency", "epsilon_decay_steps",
-                     "cql_temperature", "jsrl_decay_period", "keep_checkpoints", "temperature", "online_learning_rate",
-                     "updates_per_call", "eval_episodes"], _POSITIVE),
-    **dict.fromkeys(["teacher_steps", "offline_steps", "learning_starts", "distill_coef", "distill_decay_period", "td_coef",
-                     "offline_eval_frequency", "cql_coef", "margin_coef", "margin", "jsrl_max_roll_in_steps", "jsrl_roll_in_decay",
-                     "epsilon_warmup_steps", "checkpoint_minutes", "checkpoint_frequency", "per_alpha", "per_beta", "noisy_sigma0"],
-                    _NON_NEGATIVE),
-    **dict.fromkeys(["start_e", "end_e", "eval_epsilon", "teacher_epsilon", "rehearsal_ratio", "jsrl_guide_prob"], _PROBABILITY),
+                     "cql_temperature", "jsrl_decay_period", "keep_checkpoints", "temperature", "online_learning_rate", "learning_rate",
+                     "end_learning_rate", "adam_eps", "updates_per_call", "eval_episodes"], _POSITIVE),
+    **dict.fromkeys(["seed", "teacher_iteration", "teacher_steps", "offline_steps", "learning_starts", "distill_coef", "distill_decay_period",
+                     "td_coef", "offline_eval_frequency", "cql_coef", "margin_coef", "margin", "jsrl_max_roll_in_steps", "jsrl_roll_in_decay",
+                     "epsilon_warmup_steps", "checkpoint_minutes", "checkpoint_frequency", "per_alpha", "noisy_sigma0"], _NON_NEGATIVE),
+    **dict.fromkeys(["start_e", "end_e", "eval_epsilon", "teacher_epsilon", "rehearsal_ratio", "jsrl_guide_prob", "gamma", "per_beta"],
+                    _PROBABILITY),
+    "num_atoms": (2, None, False, False),
 }
+UNBOUNDED = {"v_min", "v_max"}  # any numbers, with v_min < v_max
 
 
 def _in_range(value: float, rule: tuple) -> bool:
@@ -213,8 +225,6 @@ def check_args(args: Any) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be {_range_text(rule)} (got {value}{extra})")
     if args.method == "tabula-rasa" and (args.distill_coef > 0 or args.margin_coef > 0 or args.init_from_teacher):
         raise ConfigError(f"--method {args.method} has no teacher, but --distill-coef/--margin-coef/--init-from-teacher use one")
-    if getattr(args, "num_atoms", 2) < 2:
-        raise ConfigError(f"--num-atoms must be >= 2 (got {args.num_atoms})")
     if hasattr(args, "v_min") and not args.v_min < args.v_max:
         raise ConfigError(f"--v-min must be below --v-max (got {args.v_min} and {args.v_max})")
     if args.offline_steps > 0 and args.teacher_data != "dopamine-replay" and args.teacher_steps < args.batch_size + (args.n_step + 4) * args.num_envs:

@@ -109,6 +109,7 @@ def evaluate_teacher(run, act, teacher, params, make_envs: Callable, key, random
 def evaluate_student(act, params, make_envs: Callable, args, run, device, desc: str, seed_offset: int, frames: list | None = None):
     """The student on Dopamine's protocol on fresh envs, with a key apart from the training keys (so a rerun after a
     resume is the same); an interrupt ends it early (run.interrupted). Returns (returns, agent steps)."""
+    run.check_finite(params, f"before the {desc}")  # nothing is evaluated (or logged) of a diverged student
     key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(args.seed), seed_offset), device)
     envs = make_envs(args.eval_num_envs, seed=args.seed + seed_offset)
     try:

@@ -20,8 +20,11 @@ from typing import Callable
 import jax
 import numpy as np
 
-from reincarnate.checkpoints import latest_checkpoint, lock_run_folder, read_checkpoint_array, tree_arrays, unlock_run_folder, write_checkpoint
+from reincarnate.checkpoints import CHECKPOINT_SENTINEL, latest_checkpoint, lock_run_folder, read_checkpoint_array, tree_arrays, unlock_run_folder, write_checkpoint
 from reincarnate.errors import ConfigError, RunError
+
+
+FINISHED = "finished.json"  # the mark of a complete run: its last counters
 
 
 class Interrupted(Exception):
@@ -73,7 +76,7 @@ def check_output_folder(folder: Path, need_bytes: int, what: str) -> None:
         raise RunError(f"cannot write to {folder} ({e.strerror or e}); run from a writable folder or fix its permissions") from None
     free = shutil.disk_usage(folder).free
     if need_bytes > free:
-        raise RunError(f"{what} need {need_bytes / 2**30:.1f} GiB on disk but {folder} has {free / 2**30:.1f} GiB free; "
+        raise RunError(f"{what} need {binary_size(need_bytes)} on disk but {folder} has {binary_size(free)} free; "
                        f"free some space, pass --checkpoint-frequency 0 (no checkpoints) or a smaller --buffer-size")
 
 
@@ -137,6 +140,15 @@ class Interrupt:
             signal.signal(sig, handler)
 
 
+def binary_size(n: float) -> str:
+    """Bytes in the largest binary unit that keeps a digit before the point: 512 B, 30.0 MiB, 6.6 GiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def memory_check(need: int, device, what: str) -> None:
     """One clear error before any phase if the buffers cannot fit where they would live."""
     stats = device.memory_stats() if device.platform != "cpu" else None
@@ -147,7 +159,7 @@ def memory_check(need: int, device, what: str) -> None:
         free = available_host_memory()
         where, fix = "available host memory", "pass a smaller --buffer-size/--teacher-steps (each 1M transitions is 6.6 GiB)"
     if need > free:
-        raise ConfigError(f"{what} need {need / 2**30:.1f} GiB but the {where} is {free / 2**30:.1f} GiB; {fix}")
+        raise ConfigError(f"{what} need {binary_size(need)} but the {where} is {binary_size(free)}; {fix}")
 
 
 def save_atomic(path: str | Path, data: bytes) -> None:
@@ -167,37 +179,48 @@ class Run:
     passed, then `log`, `due`, `save`, `exit_if_interrupted` and finally `close`."""
 
     def __init__(self, args, script: str, runtime_flags: set[str]):
-        """The checks that need no teacher (every flag, the env id, the W&B and Hub logins: a missing login is told now,
-        not after the run), then the folder."""
-        from reincarnate.config import check_args
+        """The folder (a new one, or --resume's), then the checks that need no teacher (every flag, the env id, the W&B
+        and Hub logins: a missing login is told now, not after the run). With --resume the flags the command line does
+        not give are the run's own (args.json), so the printed resume command works as it is; `args` is the result."""
+        from reincarnate.config import check_args, explicit_flags
         from reincarnate.envs import check_env_id
         from reincarnate.hub import check_hub_login, hub_repo_name
 
-        check_args(args)
-        check_env_id(args.env_id)
-        check_wandb(args.track)
-        self.hub_repo = f"{check_hub_login(args.hf_entity)}/{hub_repo_name(dataclasses.asdict(args))}" if args.upload_model else None
-        self.args, self.script = args, os.path.basename(script)
+        self.script = os.path.basename(script)
         if args.resume:
             if not args.run_name:
                 raise ConfigError("--resume needs the run to continue: --run-name NAME (its folder under runs/) or its path")
             self.dir = Path(args.run_name) if Path(args.run_name).is_dir() else Path("runs") / args.run_name
             if not (self.dir / "args.json").is_file():
                 raise ConfigError(f"no run to resume at {self.dir} (no args.json); pass the name of a folder under runs/")
-            saved = json.loads((self.dir / "args.json").read_text())
-            differ = [f"--{k.replace('_', '-')} (was {saved[k]!r}, now {getattr(args, k)!r})" for k in saved
-                      if k not in runtime_flags and hasattr(args, k) and saved[k] != getattr(args, k)]
-            if differ:
-                raise ConfigError(f"cannot resume {self.dir} with different algorithm flags: {', '.join(differ)}; pass the run's own values")
             found = latest_checkpoint(self.dir / "checkpoints")
+            if found is None and (self.dir / FINISHED).is_file():  # finished with checkpoints off: nothing to resume
+                found = (None, {"phase": "done"})
             if found is None:
                 raise ConfigError(f"{self.dir} has no complete checkpoint; start the run again without --resume")
+            saved = json.loads((self.dir / "args.json").read_text())
+            given = explicit_flags(args)  # None: Args built in code, every value counts as given
+            differ = [f"--{k.replace('_', '-')} (was {saved[k]!r}, now {getattr(args, k)!r})" for k in saved
+                      if k not in runtime_flags and hasattr(args, k) and (given is None or k in given) and saved[k] != getattr(args, k)]
+            if differ:
+                raise ConfigError(f"cannot resume {self.dir} with different algorithm flags: {', '.join(differ)}; drop them to keep the run's own")
+            if given is not None:
+                keep = given | {"resume", "run_name"}
+                args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k in args.__dataclass_fields__ and k not in keep})
             self.resumed, self.meta = found
         else:
-            self.dir = Path("runs") / (args.run_name or default_run_name(args.env_id, args.exp_name, args.method, args.seed))
-            if self.dir.is_dir() and any(not f.name.startswith(".") for f in self.dir.iterdir()):  # (.lock: a start that failed its checks)
+            name = args.run_name or default_run_name(args.env_id, args.exp_name, args.method, args.seed)
+            if Path(name).name != name or name in (".", ".."):
+                raise ConfigError(f"--run-name {name!r} is a path; pass a plain name (the run goes to runs/<name>), or --resume with a run's folder")
+            self.dir = Path("runs") / name
+            if self.holds_a_run(self.dir):
                 raise ConfigError(f"{self.dir} already holds a run; pass --resume to continue it, or another --run-name")
-            self.resumed, self.meta = None, {}
+            self.resumed, self.meta = None, {}  # (a start that failed before its first checkpoint is started again)
+        check_args(args)
+        check_env_id(args.env_id)
+        check_wandb(args.track)
+        self.hub_repo = f"{check_hub_login(args.hf_entity)}/{hub_repo_name(dataclasses.asdict(args))}" if args.upload_model else None
+        self.args = args
         self.name = self.dir.name
         self.resume_name = self.name if self.dir == Path("runs") / self.name else str(self.dir)  # what --resume --run-name needs
         self.ckpt_dir = self.dir / "checkpoints"
@@ -210,6 +233,13 @@ class Run:
         self.teacher_data: Callable[[], dict] | None = None  # the teacher data's arrays, saved once
         self.teacher_data_saved = False
         self.writer, self.interrupt, self.wandb = None, None, None
+
+    @staticmethod
+    def holds_a_run(folder: Path) -> bool:
+        """A run to keep: a complete checkpoint, a saved model or the mark of a finished run. A folder with none is a
+        start that failed before its first checkpoint (a full disk, say): it can be started again."""
+        return folder.is_dir() and (latest_checkpoint(folder / "checkpoints") is not None or (folder / FINISHED).is_file()
+                                    or any(folder.glob("*.cleanrl_model")))
 
     def array(self, name: str) -> np.ndarray:
         """An array of the checkpoint this run resumed from."""
@@ -230,16 +260,16 @@ class Run:
         args = self.args
         check_output_folder(self.dir, (checkpoint_bytes if self.checkpoints_on else 0) + (1 << 27), "the checkpoints and the logs")
         lock_run_folder(self.dir)
-        for f in self.dir.glob("events.out.tfevents.*"):
+        for f in self.dir.glob("events.out.tfevents.*"):  # (a new run: a failed start's logs)
             if self.resumed and f.name in self.meta["events"]:
                 os.truncate(f, self.meta["events"][f.name])
-            elif self.resumed:
+            else:
                 f.unlink()
         if args.track:
             import wandb
 
             try:
-                wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args), name=self.name,
+                wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=dataclasses.asdict(args), name=self.name,
                            id=self.meta.get("wandb_id") or secrets.token_hex(4), resume="allow", save_code=True)
             except Exception as e:  # noqa: BLE001 - W&B raises many kinds; the user needs one line
                 raise RunError(f"Weights & Biases could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -249,7 +279,7 @@ class Run:
 
         self.writer = SummaryWriter(str(self.dir), flush_secs=30)
         if not self.resumed:
-            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
             save_atomic(self.dir / "args.json", json.dumps(dataclasses.asdict(args), indent=2).encode())
         self.interrupt = Interrupt()
         self.last_checkpoint = time.time()
@@ -280,8 +310,8 @@ class Run:
             return
         if self.teacher_data is not None and not self.teacher_data_saved:
             self.save_teacher_data()  # checkpoints off, then an interrupt: the resume needs it
-        if params is not None and not all(bool(jax.numpy.isfinite(x).all()) for x in jax.tree.leaves(params)):
-            raise ConfigError(f"the student's parameters are not finite in phase {phase}; the last good checkpoint is kept (lower --learning-rate)")
+        if params is not None:
+            self.check_finite(params, f"at the checkpoint of phase {phase}")
         self.writer.flush()
         self.seq += 1
         meta = dict(seq=self.seq, phase=phase, progress=progress, info=self.info,
@@ -290,11 +320,37 @@ class Run:
         write_checkpoint(self.ckpt_dir, self.seq, arrays, meta, self.args.keep_checkpoints)
         self.last_checkpoint = time.time()
 
+    def finish(self, progress: dict, arrays: dict, params) -> None:
+        """The run is complete: its mark (so the folder is never started over) and, if it has checkpoints (or was
+        interrupted with checkpoints off), a "done" one, which makes --resume of it a no-op (and the upload)."""
+        self.save("done", progress, arrays, params=params, force=self.ckpt_dir.is_dir())
+        save_atomic(self.dir / FINISHED, json.dumps(progress).encode())
+
     def checkpoint(self, phase: str, progress: dict, arrays: dict | None, state, keys) -> None:
         """The run's complete state (README "Resuming"): the student's train state, the PRNG keys and the phase's
         arrays; then leave if a signal asked to."""
         self.save(phase, progress, {**tree_arrays("state", state), "keys": np.stack(keys), **(arrays or {})}, params=state.params)
         self.exit_if_interrupted()
+
+    def diverged(self, what: str) -> ConfigError:
+        """The one error line of a run whose student diverged: what became non-finite where, what is kept, and the
+        learning-rate flag in use to lower."""
+        args = self.args
+        if self.phase in ("online", "final") and args.online_learning_rate:
+            flag, value = "--online-learning-rate", args.online_learning_rate
+        else:
+            flag, value = "--learning-rate", args.learning_rate
+        complete = sorted(p.name for p in self.ckpt_dir.glob("ckpt-*") if (p / CHECKPOINT_SENTINEL).is_file())
+        if complete:  # the folder holds a run whose flags cannot change on --resume: the new start needs a new name
+            kept, again = f"its last checkpoint ({self.ckpt_dir / complete[-1]}) is from before", "under a new --run-name "
+        else:
+            kept, again = "no checkpoint was written before it", ""
+        return ConfigError(f"the student diverged: {what}; {kept}; start the run again {again}with a lower {flag} (now {value:g})")
+
+    def check_finite(self, params, what: str) -> None:
+        """Nothing is evaluated, logged or saved from non-finite parameters: the run stops with `diverged`."""
+        if not all(bool(jax.numpy.isfinite(x).all()) for x in jax.tree.leaves(params)):
+            raise self.diverged(f"its parameters are not finite {what}")
 
     def exit_if_interrupted(self) -> None:
         """After a SIGINT/SIGTERM (and its checkpoint): leave, saying how to resume."""
@@ -353,8 +409,7 @@ def log_offline_losses(run: Run, unchecked: list, log_frequency: int, last: int)
         if not m["sample_ok"][:n].all():
             raise ConfigError("the teacher data has too few valid transitions to sample a batch; collect more (--teacher-steps)")
         if not np.isfinite(m["loss"][:n]).all():
-            raise ConfigError(f"the offline loss is not finite at update {step0 + int(np.argmin(np.isfinite(m['loss'][:n]))) + 1} "
-                              f"(phase c); the last good checkpoint is in {run.ckpt_dir}; lower --learning-rate")
+            raise run.diverged(f"the offline loss is not finite at update {step0 + int(np.argmin(np.isfinite(m['loss'][:n]))) + 1} (phase c)")
         for i in range(n):
             if (step0 + i + 1) % log_frequency == 0 or step0 + i + 1 == last:
                 for name in LOSSES:
@@ -371,8 +426,7 @@ def log_online_losses(run: Run, unlogged: list) -> None:
         if not m.pop("sample_ok"):
             raise ConfigError("the online replay has too few valid transitions to sample a batch; raise --learning-starts")
         if not np.isfinite(m["loss"]):
-            raise ConfigError(f"the online loss is not finite at agent step {log_step} (phase d); the last good checkpoint is in "
-                              f"{run.ckpt_dir}; lower --learning-rate")
+            raise run.diverged(f"the online loss is not finite at agent step {log_step} (phase d)")
         for name, value in m.items():
             run.log(f"losses/{name}", float(value), log_step)
     unlogged.clear()

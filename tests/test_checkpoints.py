@@ -247,7 +247,7 @@ def test_action_count_mismatch_names_both_numbers(fixture_copy):
     with pytest.raises(tu.CheckpointError) as e:
         tu.load_teacher(fixture_copy("teacher_tf"), num_actions=6)
     msg = str(e.value)
-    assert "4 actions" in msg and "has 6" in msg and "env id" in msg and "\n" not in msg
+    assert "4 actions" in msg and "has 6" in msg and "--env-id" in msg and "full_action_space" not in msg and "\n" not in msg
 
 
 def test_missing_and_wrong_sources(tmp_path):

@@ -3,7 +3,9 @@ resumed run restores exactly, the learning call in flight, a phase's steady rate
 and a script's entry point."""
 
 import dataclasses
+import re
 import time
+import typing
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -115,3 +117,57 @@ def test_a_scripts_entry_point_turns_errors_into_one_line_and_interrupts_into_13
         with pytest.raises(SystemExit) as exit_:
             run_script(main, lambda: None)
         assert exit_.value.code == code and capsys.readouterr().err.startswith(line)
+
+
+def numeric_fields(args_cls) -> list[tuple[str, type]]:
+    hints = typing.get_type_hints(args_cls)
+    out = []
+    for f in dataclasses.fields(args_cls):
+        kinds = [t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t in (int, float)]
+        if kinds and hints[f.name] is not bool:
+            out.append((f.name, kinds[0]))
+    return out
+
+
+@pytest.mark.parametrize("script", [dqn, rainbow], ids=["dqn", "rainbow"])
+def test_every_numeric_flag_has_its_range_checked(script):
+    """Walks every int and float flag of the script's Args: each has a range (reincarnate/config.py RANGES, or is
+    v_min/v_max, checked together), its default passes, and a value just outside is one ConfigError naming the flag."""
+    fields = numeric_fields(script.Args)
+    assert len(fields) > 40
+    defaults = script.Args()
+    config.check_args(defaults)
+    for name, kind in fields:
+        if name in config.UNBOUNDED:
+            continue
+        assert name in config.RANGES, f"--{name} has no range"
+        low, high, low_open, high_open = config.RANGES[name]
+        bad = [low - (1 if kind is int else 1e-3)] if not low_open else [low, low - 1]
+        if high is not None:
+            bad.append(high + (1 if kind is int else 1e-3))
+        for value in bad:
+            with pytest.raises(ConfigError, match=f"^--{name.replace('_', '-')} must be "):
+                config.check_args(dataclasses.replace(defaults, **{name: kind(value)}))
+    if hasattr(defaults, "v_min"):
+        with pytest.raises(ConfigError, match="--v-min must be below --v-max"):
+            config.check_args(dataclasses.replace(defaults, v_min=3.0, v_max=-3.0))
+
+
+def test_the_reported_cases_are_refused():
+    """issue 26: a negative learning rate trained by gradient ascent and exited 0; gamma 1.5 was accepted."""
+    for changes, flag in ((dict(learning_rate=-0.0001), "--learning-rate must be > 0"), (dict(gamma=1.5), "--gamma must be in [0, 1]"),
+                          (dict(online_learning_rate=-1e-4), "--online-learning-rate must be > 0"), (dict(adam_eps=0.0), "--adam-eps must be > 0")):
+        with pytest.raises(ConfigError, match=re.escape(flag)):
+            config.check_args(dataclasses.replace(dqn.Args(), **changes))
+
+
+def test_sizes_are_told_in_a_unit_that_shows_the_number(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from reincarnate.run import binary_size, check_output_folder
+
+    assert [binary_size(n) for n in (512, 30 * 2**20, 6.6 * 2**30)] == ["512 B", "30.0 MiB", "6.6 GiB"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(2**30, 2**30 - 30 * 2**20, 30 * 2**20))
+    with pytest.raises(tu.RunError, match=r"need 1\.0 GiB on disk but .* has 30\.0 MiB free"):
+        check_output_folder(tmp_path / "runs" / "x", 2**30, "the checkpoints")

@@ -199,6 +199,7 @@ def test_finetune_from_a_dopamine_teacher_and_a_mismatched_architecture(tmp_path
     assert bad.returncode == 1
     (line,) = [x for x in bad.stderr.splitlines() if x.startswith("error: ")]
     assert "needs a teacher with the student's architecture" in line and "Traceback" not in bad.stderr
+    assert [p for p in run_dir.parent.iterdir()] == [run_dir]  # issue 26: refused before its run folder was written
 
 
 # ----------------------------------------------------------------------------

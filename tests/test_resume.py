@@ -1,6 +1,7 @@
 """Never lose a run: checkpoints, exact resume after SIGKILL in every phase, SIGINT, damaged checkpoints,
 the resume flag checks, and the pre-flight checks (memory, output folder, unique run names, NaN)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import compile_log
 import teacher_utils as tu
@@ -186,6 +188,7 @@ def test_an_unwritable_output_folder_is_one_error_line(tmp_path, fixture_copy):
 def test_an_existing_run_name_is_not_overwritten(tmp_path, fixture_copy):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     (tmp_path / "runs" / "taken" / "args.json").write_text("{}")
+    (tmp_path / "runs" / "taken" / "taken.cleanrl_model").write_bytes(b"a finished run's model")
     r, lines, _ = run_quick(tmp_path, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--run-name", "taken")
     assert r.returncode == 1 and "already holds a run; pass --resume" in lines[0]
 
@@ -211,8 +214,77 @@ def test_disk_too_small_for_a_checkpoint(tmp_path, monkeypatch):
         rr.check_output_folder(tmp_path / "runs" / "x", 7063 * 1_000_000, "a checkpoint")
 
 
-def test_a_diverging_loss_stops_the_run_naming_phase_and_step(tmp_path, fixture_copy):
+def test_a_diverging_loss_stops_the_run_naming_phase_step_and_the_flag_in_use(tmp_path, fixture_copy):
+    """Offline: the error line starts on its own line, names the phase, the update and --learning-rate; the offline
+    checkpoints written before it are named. Online (issue 26: tabula rasa at --online-learning-rate 1e12): it names
+    --online-learning-rate, says truly that no checkpoint was written, and nothing evaluated from the diverged
+    parameters is logged."""
     r, lines, _ = run_quick(tmp_path, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), *FLAGS, "--learning-rate", "1e30",
                             "--run-name", "nan")
-    assert r.returncode == 1 and len(lines) == 1
-    assert "not finite" in lines[0] and "phase" in lines[0] and "the last good checkpoint" in lines[0]
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr
+    assert "the student diverged: the offline loss is not finite at update" in lines[0] and "(phase c)" in lines[0]
+    assert "its last checkpoint (runs/nan/checkpoints/ckpt-" in lines[0] and "under a new --run-name with a lower --learning-rate (now 1e+30)" in lines[0]
+    online = list(FLAGS)
+    i = online.index("--checkpoint-frequency")
+    online[i + 1] = "0"
+    r, lines, _ = run_quick(tmp_path, "--method", "tabula-rasa", *online, "--online-learning-rate", "1e12", "--run-name", "nan-online")
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "(phase d)" in lines[0] or "before the student eval" in lines[0]
+    assert "no checkpoint was written before it" in lines[0] and "a lower --online-learning-rate (now 1e+12)" in lines[0]
+    acc = EventAccumulator(str(tmp_path / "runs" / "nan-online"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert "eval/episodic_return" not in acc.Tags()["scalars"]
+
+
+def test_the_printed_resume_command_works_as_printed(tmp_path, fixture_copy, uninterrupted):
+    """issue 26: Ctrl-C prints `python qdagger_dqn_atari_jax.py --resume --run-name X`; run exactly that (no other flag):
+    the flags come from the run's args.json and the run ends as the uninterrupted one. A flag given explicitly and
+    different is still refused, naming it."""
+    teacher = fixture_copy("teacher_tf")
+    run_dir = tmp_path / "runs" / "printed"
+    kill_in(start(tmp_path, "printed", teacher=teacher), run_dir, "online", "global_step")
+    r = subprocess.run([sys.executable, str(SCRIPT), "--seed", "2", "--resume", "--run-name", "printed"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and "--seed (was 1, now 2)" in r.stderr
+    r = subprocess.run([sys.executable, str(SCRIPT), "--resume", "--run-name", "printed"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert final_line(r.stdout) == final_line(uninterrupted[0])
+    whole = uninterrupted[1]
+    assert (run_dir / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes() == (whole / "qdagger_dqn_atari_jax.cleanrl_model").read_bytes()
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_can_be_started_again(tmp_path, fixture_copy):
+    """issue 26: a start that fails after its folder was written (here: it diverges before any checkpoint) leaves
+    args.json and logs but no checkpoint. A plain rerun with the same --run-name starts over (its old logs replaced);
+    --resume says there is nothing to resume. A finished run, even with checkpoints off, is never started over."""
+    teacher = str(fixture_copy("teacher_tf"))
+    flags = [x for x in FLAGS if x != "--save-model"]
+    i = flags.index("--checkpoint-frequency")
+    flags[i + 1] = "0"
+    r, lines, _ = run_quick(tmp_path, "--method", "tabula-rasa", *flags, "--online-learning-rate", "1e12", "--run-name", "again")
+    assert r.returncode == 1 and "diverged" in lines[0] and "start the run again with a lower" in lines[0]
+    run_dir = tmp_path / "runs" / "again"
+    assert (run_dir / "args.json").is_file() and list(run_dir.glob("events.out.tfevents.*"))
+    assert not list(run_dir.glob("checkpoints/ckpt-*")) and not (run_dir / "finished.json").exists()
+    r, lines, _ = run_quick(tmp_path, "--teacher-checkpoint", teacher, *flags, "--run-name", "again", "--resume")
+    assert r.returncode == 1 and "has no complete checkpoint; start the run again without --resume" in lines[0]
+    short = [*flags, "--offline-steps", "8", "--total-timesteps", "64", "--learning-starts", "32", "--checkpoint-frequency", "0"]
+    r = subprocess.run([sys.executable, str(SCRIPT), "--teacher-checkpoint", teacher, *short, "--run-name", "again"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    started = json.loads((run_dir / "args.json").read_text())
+    assert started["method"] == "qdagger" and started["online_learning_rate"] != 1e12 and (run_dir / "finished.json").is_file()
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # the failed start's log is gone
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert max(e.step for e in acc.Scalars("offline/loss")) == 8
+    r, lines, _ = run_quick(tmp_path, "--teacher-checkpoint", teacher, *short, "--run-name", "again")
+    assert r.returncode == 1 and "already holds a run" in lines[0]
+    r = subprocess.run([sys.executable, str(SCRIPT), "--resume", "--run-name", "again"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "finished already" in r.stdout
+
+
+def test_a_run_name_that_leaves_runs_is_refused(tmp_path, fixture_copy):
+    r, lines, _ = run_quick(tmp_path, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--run-name", "../escape")
+    assert r.returncode == 1 and len(lines) == 1 and "--run-name '../escape' is a path" in lines[0]
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()

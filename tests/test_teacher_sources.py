@@ -151,7 +151,7 @@ def test_student_action_count_mismatch_names_both_numbers(runs):
     with pytest.raises(tu.CheckpointError) as e:
         tu.load_teacher(runs["rainbow-dueling"].folder, num_actions=6)
     msg = str(e.value)
-    assert "4 actions" in msg and "has 6" in msg and "env id" in msg and "Breakout-v5" in msg and "\n" not in msg
+    assert "4 actions" in msg and "has 6" in msg and "--env-id" in msg and "full_action_space" not in msg and "Breakout-v5" in msg and "\n" not in msg
 
 
 def copy_run(run: Run, dest: Path) -> Path:
