@@ -1,33 +1,52 @@
 """Speed and memory figures, printed (not asserted): `python reincarnate_utils/benchmark.py --help`.
 
-throughput: in one process and one run, the machine's limits for this
-configuration and the scripts' own speed (the measured rates), and the figures
-derived from them. `--json` prints every figure at full precision (the
-derived ones are derived_figures() of the measured ones printed beside them);
+throughput: in one process, the machine's limits for this configuration, the
+scripts' own speed in every phase a default run has (the measured rates), and
+what a default run costs end to end, at those rates and at the limits.
+`--json` prints every figure at full precision (the derived ones are
+derived_figures() of the measured ones and the protocol printed beside them);
 the table rounds them.
-  limits   env_only_sps        envpool alone (Dopamine settings, random actions)
-           update_single_per_s the script's jitted update, one call per update, inputs on the device
-           update_fused_per_s  K updates in one lax.scan over device-resident batches
-           teacher_act_per_s   the teacher's jitted epsilon-greedy act, observation copied up and actions fetched each call
-           student_act_per_s   the same for the student (the act of the online phase)
-  phases   teacher_collect_sps, offline_updates_per_s, online_sps: the script's main() on Breakout-v5 with
-           the fixture teacher, each phase's steady-state rate as the script reports it (after its first,
-           compiling call; evaluations excluded; online while learning). A phase too short to time anything
-           after that call has no rate: the budget is checked before anything is measured.
-  derived  (derived_figures; N = num_envs, F = the script's train_frequency, and the paper's budget
-           O = its default offline_steps, T = its default total_timesteps, printed as paper_*_steps)
+  limits   env_only_sps, eval_env_only_sps   envpool alone (Dopamine settings, random actions) with N = --num-envs
+                                             and E = --eval-num-envs envs
+           update_single_per_s  the script's jitted update, one call per update, inputs on the device
+           update_fused_per_s   K updates in one lax.scan over device-resident batches (K = the offline phase's)
+           teacher_act_per_s, student_act_per_s, eval_teacher_act_per_s, eval_student_act_per_s
+                                the scripts' jitted epsilon-greedy act at batch N and E, observation copied up and
+                                actions fetched each call
+           disk_write_bytes_per_s  one file written and fsynced (--checkpoint-mib)
+  phases   teacher_eval_sps, student_eval_sps: the scripts' evaluation (Dopamine's protocol on E envs) of the
+           teacher and of the student, after a first, compiling call. teacher_collect_sps,
+           offline_updates_per_s, online_sps: the script's main() on Breakout-v5 with the fixture teacher, each
+           phase's steady-state rate as the script reports it (after its first, compiling call; evaluations
+           excluded; online while learning; a phase too short to time anything after that call has no rate: the
+           budget is checked before anything is measured). checkpoint_write_bytes_per_s: the scripts'
+           write_checkpoint (every array written, fsynced and its CRC32C read back).
+  protocol what a default run of the script does (paper_protocol): the budgets, the number of evaluations
+           (eval_steps agent steps each), the checkpoints by kind and their bytes.
+  derived  (derived_figures; F = the script's train_frequency)
            collect_vs_limit         = teacher_collect_sps / env_only_sps
            offline_vs_limit         = offline_updates_per_s / update_fused_per_s
            online_vs_limit          = online_sps / min(env_only_sps, F * update_fused_per_s)
+           eval_vs_env_limit        = student_eval_sps / eval_env_only_sps
            collect_serial_bound_sps = N / (N / env_only_sps + 1 / teacher_act_per_s)
            online_serial_bound_sps  = min(N / (N / env_only_sps + 1 / student_act_per_s), F * update_fused_per_s)
-           collect_vs_serial_bound  = teacher_collect_sps / collect_serial_bound_sps
-           online_vs_serial_bound   = online_sps / online_serial_bound_sps
-           paper_budget_minutes     = (O / offline_updates_per_s + T / online_sps) / 60
+           teacher_eval_serial_bound_sps, eval_serial_bound_sps = E / (E / eval_env_only_sps + 1 / eval_*_act_per_s)
+           *_vs_serial_bound        = the phase's rate / its serial bound
+           paper_budget_minutes     = (offline_steps / offline_updates_per_s + online_steps / online_sps) / 60,
+                                      the training alone
+           run_<part>_minutes       a default run's parts at the measured rates: the teacher's evaluation, the
+                                    teacher data, the offline updates, the offline evaluations, the online steps,
+                                    the online evaluations (the final one included), the checkpoints (by count,
+                                    plus one per --checkpoint-minutes of each phase, at checkpoint_write_bytes_per_s)
+           bound_<part>_minutes     the same at the limits: env steps at env_only_sps (N or E envs), updates at
+                                    update_fused_per_s, online the envs and the updates perfectly overlapped,
+                                    checkpoints at disk_write_bytes_per_s
+           paper_run_minutes, lower_bound_minutes = their sums; paper_run_vs_bound = lower_bound / paper_run
            The serial bounds estimate what a loop that acts once per vector step can reach: the act's round
            trip and the envs' step are serial (the actions of a step need its observations), whatever else
            overlaps them. The round trip is timed alone, so a loop can pass its bound by a little (the
-           roll-out did on an H100 VM, 1.14).
+           roll-out did on an H100 VM, 1.14). An evaluation plays at least eval_steps agent steps (its episodes
+           in progress then finish): the run's evaluation minutes count eval_steps each, a lower estimate.
   sizes    bytes_per_transition, teacher_bytes_per_transition: the student's and the teacher data's replay
            bytes per row (frame, action, reward, flags, episode step, the teacher's Q; Rainbow's student
            adds its sum tree); peak_rss_gib: the benchmark's peak resident memory.
@@ -50,6 +69,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import re
 import resource
 import statistics
@@ -113,30 +133,105 @@ class Throughput:
     """online agent steps"""
     learning_starts: int = 400
     """online steps before learning (small: the online figure is the learning regime)"""
+    eval_num_envs: int | None = None
+    """--eval-num-envs of the evaluations (and of their env-only limit); default the script's"""
+    eval_steps: int = 2_000
+    """agent steps of each timed evaluation (teacher and student, after a first, compiling one); episodes capped at 400 steps"""
+    checkpoint_mib: int = 256
+    """MiB of the timed checkpoint write (the scripts' write_checkpoint) and of the raw disk write it is compared with"""
     json: bool = False
     """print the figures as one JSON object"""
 
 
-MEASURED = ("env_only_sps", "teacher_act_per_s", "student_act_per_s", "update_single_per_s", "update_fused_per_s",  # limits
-            "teacher_collect_sps", "offline_updates_per_s", "online_sps")  # phases
+MEASURED = ("env_only_sps", "eval_env_only_sps", "teacher_act_per_s", "student_act_per_s", "eval_teacher_act_per_s", "eval_student_act_per_s",
+            "update_single_per_s", "update_fused_per_s", "disk_write_bytes_per_s",  # limits
+            "teacher_eval_sps", "student_eval_sps", "teacher_collect_sps", "offline_updates_per_s", "online_sps", "checkpoint_write_bytes_per_s")  # phases
 """the measured rates, the inputs of derived_figures"""
 
+PROTOCOL = ("num_envs", "eval_num_envs", "train_frequency", "eval_steps", "teacher_steps", "offline_steps", "offline_evals", "online_steps",
+            "online_evals", "checkpoint_minutes", "rollout_checkpoints", "state_checkpoints", "online_checkpoints", "teacher_data_bytes",
+            "student_replay_bytes", "state_bytes")
+"""a default run of the script (paper_protocol), the other input of derived_figures"""
 
-def derived_figures(m: dict, *, num_envs: int, train_frequency: int, paper_offline_steps: int, paper_online_steps: int) -> dict:
-    """The derived figures of the measured rates `m` (the keys of MEASURED), by the formulas in this module's docstring.
-    Pure and unrounded: the rates must be positive and finite (throughput() checks them)."""
-    env_step = num_envs / m["env_only_sps"]  # seconds per vector step of the envs alone
-    learn_bound = train_frequency * m["update_fused_per_s"]  # agent steps/s the fused updates allow
+RUN_PHASES = ("teacher_eval", "teacher_data", "offline", "offline_evals", "online", "online_evals", "checkpoints")
+"""the parts of a default run, in its order (evaluations and checkpoints summed over the run)"""
+
+
+def paper_protocol(args, num_envs: int, eval_num_envs: int, state_bytes: int, prioritized: bool) -> dict:
+    """What a default run of the script with `args` does (its defaults but the env counts): the step budgets, the
+    evaluations (the teacher's, one student evaluation every --offline-eval-frequency updates, one every
+    --eval-frequency agent steps before the end and the final one) and the checkpoints by count: every 250,000 agent
+    steps of the roll-out, each with the whole teacher buffer as allocated, then the teacher data once; those of the
+    train state only (the offline phase's, one per Dopamine iteration before its end, the student not acting, and
+    its start and end; the run's last one); one per iteration of the online phase before its end, each with the
+    student's whole replay. The checkpoints --checkpoint-minutes adds are derived_figures' business."""
+    from reincarnate.replay import replay_bytes
+
+    def rows(n: int) -> int:  # a buffer is allocated in whole vector steps
+        return -(-n // num_envs) * num_envs
+
+    T, every, offline_every = args.total_timesteps, args.eval_frequency, args.offline_eval_frequency
+    return dict(num_envs=num_envs, eval_num_envs=eval_num_envs, train_frequency=args.train_frequency, eval_steps=args.eval_steps,
+                teacher_steps=args.teacher_steps, offline_steps=args.offline_steps, offline_evals=args.offline_steps // offline_every,
+                online_steps=T, online_evals=-(-T // every), checkpoint_minutes=args.checkpoint_minutes,
+                rollout_checkpoints=args.teacher_steps // 250_000, state_checkpoints=-(-args.offline_steps // offline_every) - 1 + 2 + 1,
+                online_checkpoints=-(-T // every) - 1, teacher_data_bytes=replay_bytes([rows(args.teacher_steps)], 4),
+                student_replay_bytes=replay_bytes([rows(args.buffer_size)], 4, prioritized=prioritized), state_bytes=state_bytes)
+
+
+def derived_figures(m: dict, p: dict) -> dict:
+    """The derived figures of the measured rates `m` (the keys of MEASURED) for the run `p` (the keys of PROTOCOL), by
+    the formulas in this module's docstring. Pure and unrounded: the rates must be positive and finite (throughput()
+    checks them)."""
+    N, E, F = p["num_envs"], p["eval_num_envs"], p["train_frequency"]
+    learn_bound = F * m["update_fused_per_s"]  # agent steps/s the fused updates allow
+
+    def serial(n, env_sps, act_per_s):  # one vector step of the envs, then one act, one after the other
+        return n / (n / env_sps + 1 / act_per_s)
+
     d = {
         "collect_vs_limit": m["teacher_collect_sps"] / m["env_only_sps"],
         "offline_vs_limit": m["offline_updates_per_s"] / m["update_fused_per_s"],
         "online_vs_limit": m["online_sps"] / min(m["env_only_sps"], learn_bound),
-        "collect_serial_bound_sps": num_envs / (env_step + 1 / m["teacher_act_per_s"]),
-        "online_serial_bound_sps": min(num_envs / (env_step + 1 / m["student_act_per_s"]), learn_bound),
+        "eval_vs_env_limit": m["student_eval_sps"] / m["eval_env_only_sps"],
+        "collect_serial_bound_sps": serial(N, m["env_only_sps"], m["teacher_act_per_s"]),
+        "online_serial_bound_sps": min(serial(N, m["env_only_sps"], m["student_act_per_s"]), learn_bound),
+        "teacher_eval_serial_bound_sps": serial(E, m["eval_env_only_sps"], m["eval_teacher_act_per_s"]),
+        "eval_serial_bound_sps": serial(E, m["eval_env_only_sps"], m["eval_student_act_per_s"]),
     }
     d["collect_vs_serial_bound"] = m["teacher_collect_sps"] / d["collect_serial_bound_sps"]
     d["online_vs_serial_bound"] = m["online_sps"] / d["online_serial_bound_sps"]
-    d["paper_budget_minutes"] = (paper_offline_steps / m["offline_updates_per_s"] + paper_online_steps / m["online_sps"]) / 60
+    d["teacher_eval_vs_serial_bound"] = m["teacher_eval_sps"] / d["teacher_eval_serial_bound_sps"]
+    d["eval_vs_serial_bound"] = m["student_eval_sps"] / d["eval_serial_bound_sps"]
+    d["paper_budget_minutes"] = (p["offline_steps"] / m["offline_updates_per_s"] + p["online_steps"] / m["online_sps"]) / 60
+
+    def whole_run(rates: dict, write_bytes_per_s: float) -> dict:
+        """Seconds of each part of a default run at these rates."""
+        t = {"teacher_eval": p["eval_steps"] / rates["teacher_eval"], "teacher_data": p["teacher_steps"] / rates["collect"],
+             "offline": p["offline_steps"] / rates["offline"], "offline_evals": p["offline_evals"] * p["eval_steps"] / rates["eval"],
+             "online": p["online_steps"] / rates["online"], "online_evals": p["online_evals"] * p["eval_steps"] / rates["eval"]}
+        # Checkpoints by count, plus one per --checkpoint-minutes of each phase (whole minutes, evaluations included).
+        every = 60 * p["checkpoint_minutes"] if p["checkpoint_minutes"] > 0 else math.inf
+        rollout, online_one = p["rollout_checkpoints"] + t["teacher_data"] // every, p["student_replay_bytes"] + p["state_bytes"]
+        written = (rollout * (p["teacher_data_bytes"] + p["state_bytes"]) + p["teacher_data_bytes"]
+                   + (p["state_checkpoints"] + (t["offline"] + t["offline_evals"]) // every) * p["state_bytes"]
+                   + (p["online_checkpoints"] + (t["online"] + t["online_evals"]) // every) * online_one)
+        t["checkpoints"] = written / write_bytes_per_s
+        return t
+
+    measured = whole_run({"teacher_eval": m["teacher_eval_sps"], "collect": m["teacher_collect_sps"], "offline": m["offline_updates_per_s"],
+                          "eval": m["student_eval_sps"], "online": m["online_sps"]}, m["checkpoint_write_bytes_per_s"])
+    # The bound: every env step at the envs' own rate for that many envs, every update at the fused rate, the envs and
+    # the updates of the online phase perfectly overlapped, every checkpoint at the disk's raw write rate.
+    bound = whole_run({"teacher_eval": m["eval_env_only_sps"], "collect": m["env_only_sps"], "offline": m["update_fused_per_s"],
+                       "eval": m["eval_env_only_sps"], "online": min(m["env_only_sps"], learn_bound)}, m["disk_write_bytes_per_s"])
+    for k in RUN_PHASES:
+        d[f"run_{k}_minutes"] = measured[k] / 60
+    for k in RUN_PHASES:
+        d[f"bound_{k}_minutes"] = bound[k] / 60
+    d["paper_run_minutes"] = sum(measured.values()) / 60
+    d["lower_bound_minutes"] = sum(bound.values()) / 60
+    d["paper_run_vs_bound"] = d["lower_bound_minutes"] / d["paper_run_minutes"]
     return d
 
 
@@ -171,7 +266,40 @@ def _timed(fn, seconds: float, per_call: int = 1) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _limits(cfg: Throughput, script, teacher_params, K: int) -> dict:
+def _env_only_sps(num_envs: int, seconds: float) -> tuple[float, np.ndarray]:
+    """envpool alone (Dopamine settings, random actions) with this many envs, and a first observation."""
+    envs = tu.make_teacher_envs("Breakout-v5", num_envs, seed=0)
+    envs.reset()
+    rng = np.random.default_rng(0)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        envs.step(rng.integers(0, envs.num_actions, num_envs))
+        n += num_envs
+    sps = n / (time.perf_counter() - t0)
+    obs, _ = envs.reset()
+    envs.close()
+    return sps, obs
+
+
+def _acts(cfg: Throughput, script, teacher_params) -> dict:
+    """The scripts' own acting functions and their params (Rainbow's student acts on its expected Q, noisy nets
+    drawing their noise), the student freshly initialised."""
+    import jax
+
+    args = script.Args(network=cfg.network, num_envs=cfg.num_envs)
+    teacher = tu.DopamineNatureDQN(4)
+    if cfg.algo == "rainbow":
+        student = script.make_student(args, 4)
+        params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
+        support = script.make_support(args)
+        return {"teacher": (script.make_act(lambda p, o, k: teacher.apply(p, o)), teacher_params),
+                "student": (script.make_act(lambda p, o, k: script.expected_q(student.apply(p, o, key=k), support)), params)}
+    student = script.make_student(args.network, 4)
+    params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
+    return {"teacher": (script.make_act(teacher.apply), teacher_params), "student": (script.make_act(student.apply), params)}
+
+
+def _limits(cfg: Throughput, script, teacher_params, K: int, E: int, folder: Path) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -183,38 +311,25 @@ def _limits(cfg: Throughput, script, teacher_params, K: int) -> dict:
     rainbow = cfg.algo == "rainbow"
     args = script.Args(network=cfg.network, num_envs=cfg.num_envs)
     out = {}
+    out["env_only_sps"], obs = _env_only_sps(cfg.num_envs, cfg.limit_seconds)
+    out["eval_env_only_sps"], eval_obs = (out["env_only_sps"], obs) if E == cfg.num_envs else _env_only_sps(E, cfg.limit_seconds)
+    acts = _acts(cfg, script, teacher_params)
+    params = acts["student"][1]
+    key = jax.random.PRNGKey(0)
+    for prefix, o in (("", obs), ("eval_", eval_obs)):
+        for who, (act, act_params) in acts.items():
 
-    envs = tu.make_teacher_envs("Breakout-v5", cfg.num_envs, seed=0)
-    envs.reset()
-    rng = np.random.default_rng(0)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < cfg.limit_seconds:
-        envs.step(rng.integers(0, envs.num_actions, cfg.num_envs))
-        n += cfg.num_envs
-    out["env_only_sps"] = n / (time.perf_counter() - t0)
-    obs, _ = envs.reset()
-    envs.close()
+            def act_once():  # as the loops act: the observation copied up, the actions fetched
+                nonlocal key
+                actions, _, key = act(act_params, jax.device_put(o), key, 0.01)
+                return np.asarray(actions)
+
+            out[f"{prefix}{who}_act_per_s"] = _timed(act_once, cfg.limit_seconds)
 
     teacher = tu.DopamineNatureDQN(4)
     student = script.make_student(args, 4) if rainbow else script.make_student(args.network, 4)
-    params = student.init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
-    # The scripts' own acting functions (Rainbow's student acts on its expected Q, noisy nets drawing their noise).
-    if rainbow:
-        support = script.make_support(args)
-        acts = {"teacher": (script.make_act(lambda p, o, k: teacher.apply(p, o)), teacher_params),
-                "student": (script.make_act(lambda p, o, k: script.expected_q(student.apply(p, o, key=k), support)), params)}
-    else:
-        acts = {"teacher": (script.make_act(teacher.apply), teacher_params), "student": (script.make_act(student.apply), params)}
-    key = jax.random.PRNGKey(0)
-    for who, (act, act_params) in acts.items():
-
-        def act_once():  # as the loops act: the observation copied up, the actions fetched
-            nonlocal key
-            actions, _, key = act(act_params, jax.device_put(obs), key, 0.01)
-            return np.asarray(actions)
-
-        out[f"{who}_act_per_s"] = _timed(act_once, cfg.limit_seconds)
-
+    support = script.make_support(args) if rainbow else None
+    rng = np.random.default_rng(0)
     # The update alone: the script's own update function (as its learner builds it) on device-resident batches, with the
     # optimizer, the loss weights and the teacher of the offline phase passed as that phase passes them (traced).
     B = args.batch_size
@@ -248,6 +363,50 @@ def _limits(cfg: Throughput, script, teacher_params, K: int) -> dict:
 
     out["update_single_per_s"] = _timed(single_once, cfg.limit_seconds)
     out["update_fused_per_s"] = _timed(fused_once, cfg.limit_seconds, per_call=K)
+    out["disk_write_bytes_per_s"] = _disk_write(folder, cfg.checkpoint_mib << 20)
+    return {k: out[k] for k in MEASURED if k in out}
+
+
+def _disk_write(folder: Path, size: int) -> float:
+    """The disk's raw rate: one file of `size` bytes written and fsynced (the median of 3), bytes/s."""
+    data = np.random.default_rng(0).integers(0, 256, size, np.uint8).tobytes()
+    path = folder / "raw-write"
+
+    def once():
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        path.unlink()
+
+    return size / _median_time(once, 3)
+
+
+def _evaluations_and_checkpoint(cfg: Throughput, script, teacher_params, E: int, folder: Path) -> dict:
+    """The scripts' own evaluation (Dopamine's protocol, evaluation.evaluate with the script's act on E envs) of the
+    teacher and of the student, each timed after a first, compiling call; and the scripts' checkpoint writer
+    (write_checkpoint: every array written, fsynced and its CRC32C read back) on --checkpoint-mib of arrays."""
+    import jax
+
+    from reincarnate.checkpoints import write_checkpoint
+    from reincarnate.evaluation import evaluate
+
+    out = {}
+    key = jax.random.PRNGKey(1)
+    for who, (act, params) in _acts(cfg, script, teacher_params).items():
+        envs = tu.make_teacher_envs("Breakout-v5", E, seed=1, max_episode_steps=400)
+        try:
+            evaluate(act, params, envs, 2 * E, 0.001, key)  # compiles the act at E envs
+            t0 = time.perf_counter()
+            _, _, steps = evaluate(act, params, envs, cfg.eval_steps, 0.001, key)
+            out[f"{who}_eval_sps"] = steps / (time.perf_counter() - t0)
+        finally:
+            envs.close()
+    rng = np.random.default_rng(0)
+    arrays = {f"a{i}": rng.integers(0, 256, cfg.checkpoint_mib << 18, np.uint8) for i in range(4)}  # 4 arrays of a quarter each
+    write_checkpoint(folder / "ckpt", 0, arrays, {}, 1)
+    seq = iter(range(1, 100))
+    out["checkpoint_write_bytes_per_s"] = (cfg.checkpoint_mib << 20) / _median_time(lambda: write_checkpoint(folder / "ckpt", next(seq), arrays, {}, 1), 3)
     return out
 
 
@@ -307,26 +466,30 @@ def throughput(cfg: Throughput) -> None:
     script = rainbow if cfg.algo == "rainbow" else dqn
     args = script.Args(network=cfg.network, num_envs=cfg.num_envs)  # the paper's settings: the budget and train_frequency
     K = cfg.updates_per_call or (8 if speed.on_cpu() else 100)
+    E = cfg.eval_num_envs or args.eval_num_envs
     if errors := budget_errors(cfg, K, args.train_frequency):
         raise SystemExit("error: a phase would time nothing after its first, compiling call: " + "; ".join(errors))
     device = jax.devices()[0]
     with tempfile.TemporaryDirectory() as tmp:
         teacher = _fixture("teacher_tf", Path(tmp))
         teacher_params = jax.device_put(tu.load_teacher(teacher, num_actions=4).params)
-        measured = {**_limits(cfg, script, teacher_params, K), **_phases(cfg, script, teacher, K)}
+        measured = {**_limits(cfg, script, teacher_params, K, E, Path(tmp)), **_evaluations_and_checkpoint(cfg, script, teacher_params, E, Path(tmp)),
+                    **_phases(cfg, script, teacher, K)}
+        student_params = _acts(cfg, script, teacher_params)["student"][1]
+    measured = {k: measured[k] for k in MEASURED}
     for k, v in measured.items():  # the limits are timed over at least one call, the phases checked by phase_rates
         assert math.isfinite(v) and v > 0, (k, v)
-    config = {"algo": cfg.algo, "network": cfg.network, "num_envs": cfg.num_envs, "updates_per_call": K,
-              "device": f"{device.platform}: {device.device_kind}", "train_frequency": args.train_frequency,
-              "paper_offline_steps": args.offline_steps, "paper_online_steps": args.total_timesteps}
-    derived = derived_figures(measured, num_envs=cfg.num_envs, train_frequency=args.train_frequency,
-                              paper_offline_steps=args.offline_steps, paper_online_steps=args.total_timesteps)
+    config = {"algo": cfg.algo, "network": cfg.network, "updates_per_call": K, "device": f"{device.platform}: {device.device_kind}"}
+    # The train state a checkpoint holds: the params, the target params and Adam's two moments.
+    state_bytes = 4 * sum(x.nbytes for x in jax.tree.leaves(student_params))
+    protocol = paper_protocol(args, cfg.num_envs, E, state_bytes, prioritized=cfg.algo == "rainbow")
+    derived = derived_figures(measured, protocol)
     rows = -(-args.buffer_size // cfg.num_envs) * cfg.num_envs
     # The student's replay caches the teacher's Q (4 actions in Breakout) while distillation is on.
     online_bytes = replay_bytes([rows], 4, prioritized=cfg.algo == "rainbow")
     sizes = {"bytes_per_transition": online_bytes / rows, "teacher_bytes_per_transition": replay_bytes([rows], 4) / rows,
              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    result = {**config, **measured, **derived, **sizes}
+    result = {**config, **protocol, **measured, **derived, **sizes}
     if cfg.json:
         print(json.dumps(result))
         return

@@ -17,47 +17,119 @@ sys.path.insert(0, str(ROOT))
 
 import reincarnate_utils.benchmark as bm  # noqa: E402
 
-# The paper's budget as both examples pass it: 1M offline updates, 2.5M online agent steps (DQN's defaults).
-PAPER = dict(paper_offline_steps=1_000_000, paper_online_steps=2_500_000)
+# A default QDagger-DQN run as both examples pass it (paper_protocol's counts, round byte sizes): 8 envs for training and
+# evaluation, 125,000 agent steps per evaluation, a 1M roll-out, 1M offline updates with 10 evaluations, 2.5M online
+# agent steps with 10; 4 roll-out checkpoints (each the whole teacher buffer and the state), the teacher data once, 12
+# of the state alone, 9 online ones (the student's replay and the state).
+PROTOCOL = dict(num_envs=8, eval_num_envs=8, train_frequency=4, eval_steps=125_000, teacher_steps=1_000_000, offline_steps=1_000_000,
+                offline_evals=10, online_steps=2_500_000, online_evals=10, checkpoint_minutes=30.0, rollout_checkpoints=4, state_checkpoints=12,
+                online_checkpoints=9, teacher_data_bytes=7e9, student_replay_bytes=7e9, state_bytes=5e7)
 
 
 def test_derived_figures_of_a_cpu_like_machine_where_the_updates_bound_online():
-    measured = dict(env_only_sps=4000, teacher_act_per_s=1000, student_act_per_s=500, update_single_per_s=25, update_fused_per_s=20,
-                    teacher_collect_sps=2000, offline_updates_per_s=25, online_sps=50)
-    d = bm.derived_figures(measured, num_envs=8, train_frequency=4, **PAPER)
-    # Worked by hand: the envs take 8 / 4000 = 0.002 s per vector step; the updates allow 4 x 20 = 80 agent steps/s.
+    measured = dict(env_only_sps=4000, eval_env_only_sps=5000, teacher_act_per_s=1000, student_act_per_s=500, eval_teacher_act_per_s=800,
+                    eval_student_act_per_s=400, update_single_per_s=25, update_fused_per_s=20, disk_write_bytes_per_s=1e9, teacher_eval_sps=2000,
+                    student_eval_sps=1500, teacher_collect_sps=2000, offline_updates_per_s=25, online_sps=50, checkpoint_write_bytes_per_s=5e8)
+    assert set(measured) == set(bm.MEASURED) and set(PROTOCOL) == set(bm.PROTOCOL)
+    d = bm.derived_figures(measured, PROTOCOL)
+    # Worked by hand: the envs take 8 / 4000 = 0.002 s per vector step (8 / 5000 = 0.0016 s for the evaluations'); the
+    # updates allow 4 x 20 = 80 agent steps/s.
     want = {
         "collect_vs_limit": 0.5,  # 2000 / 4000
         "offline_vs_limit": 1.25,  # 25 / 20
         "online_vs_limit": 0.625,  # 50 / min(4000, 80) = 50 / 80
-        "collect_serial_bound_sps": 2666.6667,  # 8 / (0.002 + 1 / 1000) = 8 / 0.003
+        "eval_vs_env_limit": 0.3,  # 1500 / 5000
+        "collect_serial_bound_sps": 8 / 0.003,  # 8 / (0.002 + 1 / 1000)
         "online_serial_bound_sps": 80.0,  # min(8 / (0.002 + 1 / 500), 80) = min(8 / 0.004 = 2000, 80): the updates' bound
-        "collect_vs_serial_bound": 0.75,  # 2000 / (8 / 0.003) = 2000 x 0.003 / 8 = 6 / 8
+        "teacher_eval_serial_bound_sps": 8 / 0.00285,  # 8 / (0.0016 + 1 / 800)
+        "eval_serial_bound_sps": 8 / 0.0041,  # 8 / (0.0016 + 1 / 400)
+        "collect_vs_serial_bound": 0.75,  # 2000 x 0.003 / 8 = 6 / 8
         "online_vs_serial_bound": 0.625,  # 50 / 80
+        "teacher_eval_vs_serial_bound": 0.7125,  # 2000 x 0.00285 / 8 = 5.7 / 8
+        "eval_vs_serial_bound": 0.76875,  # 1500 x 0.0041 / 8 = 6.15 / 8
         "paper_budget_minutes": 1500.0,  # (1,000,000 / 25 + 2,500,000 / 50) / 60 = (40,000 + 50,000) / 60
+        # The run at the measured rates, in seconds: the teacher's evaluation 125,000 / 2000 = 62.5; the roll-out
+        # 1,000,000 / 2000 = 500; offline 1,000,000 / 25 = 40,000 and its 10 evaluations 1,250,000 / 1500 = 833.3; online
+        # 2,500,000 / 50 = 50,000 and 833.3 again. Checkpoints, one more per 1800 s of a phase: the roll-out 4 + 0 (500 s) of
+        # 7.05e9 bytes and the teacher data 7e9; the state 12 + 22 (40,833 s) of 5e7; online 9 + 28 (50,833 s) of 7.05e9:
+        # 28.2e9 + 7e9 + 1.7e9 + 260.85e9 = 297.75e9 bytes at 5e8 bytes/s = 595.5 s.
+        "run_teacher_eval_minutes": 62.5 / 60, "run_teacher_data_minutes": 500 / 60, "run_offline_minutes": 40_000 / 60,
+        "run_offline_evals_minutes": 2500 / 3 / 60, "run_online_minutes": 50_000 / 60, "run_online_evals_minutes": 2500 / 3 / 60,
+        "run_checkpoints_minutes": 595.5 / 60,
+        # At the limits: 125,000 / 5000 = 25; 1,000,000 / 4000 = 250; 1,000,000 / 20 = 50,000; 1,250,000 / 5000 = 250;
+        # online 2,500,000 / min(4000, 80) = 31,250; 250. Checkpoints: 4 + 0 roll-out, 12 + 27 (50,250 s) of the state,
+        # 9 + 17 (31,500 s) online: 28.2e9 + 7e9 + 1.95e9 + 183.3e9 = 220.45e9 bytes at 1e9 bytes/s = 220.45 s.
+        "bound_teacher_eval_minutes": 25 / 60, "bound_teacher_data_minutes": 250 / 60, "bound_offline_minutes": 50_000 / 60,
+        "bound_offline_evals_minutes": 250 / 60, "bound_online_minutes": 31_250 / 60, "bound_online_evals_minutes": 250 / 60,
+        "bound_checkpoints_minutes": 220.45 / 60,
+        "paper_run_minutes": (62.5 + 500 + 40_000 + 5000 / 3 + 50_000 + 595.5) / 60,  # 92,824.67 s = 1547.1 min
+        "lower_bound_minutes": 82_245.45 / 60,  # 25 + 250 + 50,000 + 250 + 31,250 + 250 + 220.45
+        "paper_run_vs_bound": 82_245.45 / (92_824 + 2 / 3),
     }
-    assert d == pytest.approx(want, rel=1e-7)
+    assert list(d) == list(want) and d == pytest.approx(want, rel=1e-9)
     # Acting once per vector step costs time on top of the envs': each serial bound is below the env-only rate.
     assert d["collect_serial_bound_sps"] < measured["env_only_sps"] and d["online_serial_bound_sps"] < measured["env_only_sps"]
 
 
 def test_derived_figures_of_a_gpu_like_machine_where_acting_bounds_online():
-    measured = dict(env_only_sps=8000, teacher_act_per_s=2000, student_act_per_s=4000, update_single_per_s=1000, update_fused_per_s=2500,
-                    teacher_collect_sps=3200, offline_updates_per_s=2000, online_sps=2500)
-    d = bm.derived_figures(measured, num_envs=8, train_frequency=4, **PAPER)
+    measured = dict(env_only_sps=8000, eval_env_only_sps=8000, teacher_act_per_s=2000, student_act_per_s=4000, eval_teacher_act_per_s=2000,
+                    eval_student_act_per_s=4000, update_single_per_s=1000, update_fused_per_s=2500, disk_write_bytes_per_s=2e9,
+                    teacher_eval_sps=4000, student_eval_sps=6000, teacher_collect_sps=3200, offline_updates_per_s=2000, online_sps=2500,
+                    checkpoint_write_bytes_per_s=1e9)
+    d = bm.derived_figures(measured, {**PROTOCOL, "checkpoint_minutes": 0.0})  # 0: checkpoints by count only
     # Worked by hand: the envs take 8 / 8000 = 0.001 s per vector step; the updates allow 4 x 2500 = 10,000 agent steps/s.
     want = {
         "collect_vs_limit": 0.4,  # 3200 / 8000
         "offline_vs_limit": 0.8,  # 2000 / 2500
         "online_vs_limit": 0.3125,  # 2500 / min(8000, 10,000) = 2500 / 8000: the envs' limit
-        "collect_serial_bound_sps": 5333.3333,  # 8 / (0.001 + 1 / 2000) = 8 / 0.0015
+        "eval_vs_env_limit": 0.75,  # 6000 / 8000
+        "collect_serial_bound_sps": 8 / 0.0015,  # 8 / (0.001 + 1 / 2000)
         "online_serial_bound_sps": 6400.0,  # min(8 / (0.001 + 1 / 4000), 10,000) = min(8 / 0.00125, 10,000): acting's bound
+        "teacher_eval_serial_bound_sps": 8 / 0.0015,
+        "eval_serial_bound_sps": 6400.0,
         "collect_vs_serial_bound": 0.6,  # 3200 x 0.0015 / 8 = 4.8 / 8
         "online_vs_serial_bound": 0.390625,  # 2500 / 6400
+        "teacher_eval_vs_serial_bound": 0.75,  # 4000 x 0.0015 / 8
+        "eval_vs_serial_bound": 0.9375,  # 6000 / 6400
         "paper_budget_minutes": 25.0,  # (1,000,000 / 2000 + 2,500,000 / 2500) / 60 = (500 + 1000) / 60
+        # Seconds: 125,000 / 4000 = 31.25; 1,000,000 / 3200 = 312.5; 500; 1,250,000 / 6000 = 208.3; 1000; 208.3; the
+        # checkpoints by count only: 4 x 7.05e9 + 7e9 + 12 x 5e7 + 9 x 7.05e9 = 99.25e9 bytes at 1e9 bytes/s = 99.25 s.
+        "run_teacher_eval_minutes": 31.25 / 60, "run_teacher_data_minutes": 312.5 / 60, "run_offline_minutes": 500 / 60,
+        "run_offline_evals_minutes": 625 / 3 / 60, "run_online_minutes": 1000 / 60, "run_online_evals_minutes": 625 / 3 / 60,
+        "run_checkpoints_minutes": 99.25 / 60,
+        # At the limits: 15.625; 125; 400; 156.25; 2,500,000 / min(8000, 10,000) = 312.5; 156.25; 99.25e9 / 2e9 = 49.625.
+        "bound_teacher_eval_minutes": 15.625 / 60, "bound_teacher_data_minutes": 125 / 60, "bound_offline_minutes": 400 / 60,
+        "bound_offline_evals_minutes": 156.25 / 60, "bound_online_minutes": 312.5 / 60, "bound_online_evals_minutes": 156.25 / 60,
+        "bound_checkpoints_minutes": 49.625 / 60,
+        "paper_run_minutes": (31.25 + 312.5 + 500 + 1250 / 3 + 1000 + 99.25) / 60,  # 2359.67 s
+        "lower_bound_minutes": 1215.25 / 60,
+        "paper_run_vs_bound": 1215.25 / (2359 + 2 / 3),
     }
-    assert d == pytest.approx(want, rel=1e-7)
+    assert list(d) == list(want) and d == pytest.approx(want, rel=1e-9)
     assert d["collect_serial_bound_sps"] < measured["env_only_sps"] and d["online_serial_bound_sps"] < measured["env_only_sps"]
+
+
+def test_paper_protocol_counts_a_default_runs_evaluations_checkpoints_and_bytes():
+    import qdagger_dqn_atari_jax as dqn
+    import qdagger_rainbow_atari_jax as rainbow
+
+    p = bm.paper_protocol(dqn.Args(), 8, 4, state_bytes=123, prioritized=False)
+    # 1M offline updates, one evaluation per 100,000 (the last at 1M); online 2.5M agent steps, one per 250,000 before
+    # the end (9) and the final one; checkpoints at 250k, 500k, 750k and 1M of the roll-out, the offline phase's start,
+    # its 9 before its end and its end, and the run's last (12); online 9 before the end. 7079 bytes per transition.
+    assert p == dict(num_envs=8, eval_num_envs=4, train_frequency=4, eval_steps=125_000, teacher_steps=1_000_000, offline_steps=1_000_000,
+                     offline_evals=10, online_steps=2_500_000, online_evals=10, checkpoint_minutes=30.0, rollout_checkpoints=4,
+                     state_checkpoints=12, online_checkpoints=9, teacher_data_bytes=7079 * 1_000_000, student_replay_bytes=7079 * 1_000_000,
+                     state_bytes=123)
+    assert list(p) == list(bm.PROTOCOL)
+    r = bm.paper_protocol(rainbow.Args(), 3, 8, state_bytes=1, prioritized=True)
+    # Rainbow: 3.75M online agent steps (14 evaluations before the end and the final one); buffers in whole vector steps
+    # of 3 envs (1,000,002 rows); the student's prioritized replay adds its sum tree.
+    from reincarnate.replay import replay_bytes
+
+    assert (r["online_evals"], r["online_checkpoints"], r["online_steps"]) == (15, 14, 3_750_000)
+    assert r["teacher_data_bytes"] == 7079 * 1_000_002 and r["student_replay_bytes"] == replay_bytes([1_000_002], 4, prioritized=True)
+    assert r["student_replay_bytes"] > r["teacher_data_bytes"]
 
 
 def test_budget_errors_name_each_phase_too_short_to_have_a_steady_rate():
@@ -93,7 +165,7 @@ def test_phase_rates_reads_the_scripts_summary_lines_and_refuses_a_rate_that_tim
 # phase 3 calls of K = 2 updates (after 1), the online phase 10 vector steps of learning (after the first). K = 2 keeps
 # the two fused updates (the limit's and the script's), unrolled on a CPU, quick to compile.
 E2E_FLAGS = ["--limit-seconds", "0.3", "--updates-per-call", "2", "--teacher-steps", "160", "--offline-steps", "6",
-             "--total-timesteps", "240", "--learning-starts", "160"]
+             "--total-timesteps", "240", "--learning-starts", "160", "--eval-steps", "64", "--checkpoint-mib", "4"]
 
 
 def test_throughput_end_to_end_prints_every_figure_and_derives_them_from_the_printed_rates(tmp_path):
@@ -104,18 +176,16 @@ def test_throughput_end_to_end_prints_every_figure_and_derives_them_from_the_pri
     assert r.returncode == 0, r.stderr[-3000:]
     f = json.loads(r.stdout.strip().splitlines()[-1])
 
-    derived = ("collect_vs_limit", "offline_vs_limit", "online_vs_limit", "collect_serial_bound_sps", "online_serial_bound_sps",
-               "collect_vs_serial_bound", "online_vs_serial_bound", "paper_budget_minutes")
+    derived = tuple(bm.derived_figures(ONES, PROTOCOL_ONES))
     sizes = ("bytes_per_transition", "teacher_bytes_per_transition", "peak_rss_gib")
-    config = ("algo", "network", "num_envs", "updates_per_call", "device", "train_frequency", "paper_offline_steps", "paper_online_steps")
-    assert list(f) == [*config, *bm.MEASURED, *derived, *sizes]
-    assert bm.MEASURED == ("env_only_sps", "teacher_act_per_s", "student_act_per_s", "update_single_per_s", "update_fused_per_s",
-                           "teacher_collect_sps", "offline_updates_per_s", "online_sps")
+    config = ("algo", "network", "updates_per_call", "device")
+    assert list(f) == [*config, *bm.PROTOCOL, *bm.MEASURED, *derived, *sizes]
 
     args = dqn.Args()
-    assert [f[k] for k in config[:4]] == ["dqn", "nature", 8, 2] and f["device"].startswith("cpu")
-    assert (f["train_frequency"], f["paper_offline_steps"], f["paper_online_steps"]) == (args.train_frequency, args.offline_steps,
-                                                                                         args.total_timesteps)
+    assert [f[k] for k in config[:3]] == ["dqn", "nature", 2] and f["device"].startswith("cpu")
+    assert {k: f[k] for k in bm.PROTOCOL} == bm.paper_protocol(args, 8, args.eval_num_envs, f["state_bytes"], prioritized=False)
+    # the train state: the Nature student's 1,686,180 float32 params, its target and Adam's two moments
+    assert f["state_bytes"] == 4 * 4 * 1_686_180
     figures = [*bm.MEASURED, *derived, *sizes]
     assert all(isinstance(f[k], float) and math.isfinite(f[k]) and f[k] > 0 for k in figures), {k: f[k] for k in figures}
     # One 84x84 frame per transition plus its action (1), reward (4), flags (1), episode step (1) and the teacher's
@@ -123,7 +193,9 @@ def test_throughput_end_to_end_prints_every_figure_and_derives_them_from_the_pri
     assert f["bytes_per_transition"] == f["teacher_bytes_per_transition"] == 7079.0
     assert f["peak_rss_gib"] < 24  # GiB, not KiB
     # The wiring (the formulas are the hand examples' business): the printed derived figures are derived_figures() of
-    # the printed rates and configuration, exactly (--json prints full precision, which JSON's floats keep).
-    assert {k: f[k] for k in derived} == bm.derived_figures(
-        {k: f[k] for k in bm.MEASURED}, num_envs=f["num_envs"], train_frequency=f["train_frequency"],
-        paper_offline_steps=f["paper_offline_steps"], paper_online_steps=f["paper_online_steps"])
+    # the printed rates and protocol, exactly (--json prints full precision, which JSON's floats keep).
+    assert {k: f[k] for k in derived} == bm.derived_figures({k: f[k] for k in bm.MEASURED}, {k: f[k] for k in bm.PROTOCOL})
+
+
+ONES = dict.fromkeys(bm.MEASURED, 1.0)
+PROTOCOL_ONES = {**dict.fromkeys(bm.PROTOCOL, 1), "checkpoint_minutes": 0.0}

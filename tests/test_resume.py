@@ -176,7 +176,7 @@ def run_quick(cwd, *flags, env=None):
 def test_a_buffer_larger_than_the_machine_fails_before_any_phase(tmp_path, fixture_copy):
     r, lines, seconds = run_quick(tmp_path, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--buffer-size", "100000000")
     assert r.returncode == 1 and len(lines) == 1 and "GiB but the available host memory is" in lines[0] and "--buffer-size" in lines[0]
-    assert "(a)" not in r.stdout and seconds < 10
+    assert "(a)" not in r.stdout and seconds < 60  # (before the teacher is even loaded; generous for a loaded machine)
 
 
 def test_an_unwritable_output_folder_is_one_error_line(tmp_path, fixture_copy):
