@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,8 +185,11 @@ def test_throughput_end_to_end_prints_every_figure_and_derives_them_from_the_pri
     args = dqn.Args()
     assert [f[k] for k in config[:3]] == ["dqn", "nature", 2] and f["device"].startswith("cpu")
     assert {k: f[k] for k in bm.PROTOCOL} == bm.paper_protocol(args, 8, args.eval_num_envs, f["state_bytes"], prioritized=False)
-    # the train state: the Nature student's 1,686,180 float32 params, its target and Adam's two moments
-    assert f["state_bytes"] == 4 * 4 * 1_686_180
+    # the train state: the Nature student's float32 params, its target and Adam's two moments
+    import jax
+
+    student = dqn.make_student("nature", 4).init(jax.random.PRNGKey(0), np.zeros((1, 4, 84, 84), np.uint8))
+    assert f["state_bytes"] == 4 * sum(x.size * 4 for x in jax.tree.leaves(student))
     figures = [*bm.MEASURED, *derived, *sizes]
     assert all(isinstance(f[k], float) and math.isfinite(f[k]) and f[k] > 0 for k in figures), {k: f[k] for k in figures}
     # One 84x84 frame per transition plus its action (1), reward (4), flags (1), episode step (1) and the teacher's
