@@ -37,6 +37,8 @@ class Check:
     eval_steps: int = 10_000
     """the student's score: whole episodes until this many agent steps (Dopamine's protocol); 0 skips it"""
     num_envs: int = 8
+    max_episode_steps: int = 27_000
+    """the cap of the score's episodes (Dopamine: 27,000 agent steps)"""
     seed: int = 12_345
     """seeds the held-out envs (apart from the scripts' seeds)"""
 
@@ -58,7 +60,7 @@ def learning_check(c: Check) -> dict:
     counts = np.bincount(teacher_actions, minlength=envs.num_actions)
     out = {"states": len(teacher_actions), "agreement": agree / len(teacher_actions), "constant_policy_agreement": counts.max() / counts.sum()}
     if c.eval_steps:
-        envs = tu.make_teacher_envs(c.env_id, c.num_envs, seed=c.seed + 1, **student.env_kwargs)
+        envs = tu.make_teacher_envs(c.env_id, c.num_envs, seed=c.seed + 1, **{**student.env_kwargs, "max_episode_steps": c.max_episode_steps})
         returns, _, steps = evaluate(make_act(student.q_values), student.params, envs, c.eval_steps, 0.001, jax.random.PRNGKey(c.seed + 1))
         envs.close()
         out |= {"student_score": float(np.mean(returns)) if returns else None, "episodes": len(returns), "eval_agent_steps": steps}
