@@ -27,6 +27,39 @@ from reincarnate.errors import ConfigError, RunError
 FINISHED = "finished.json"  # the mark of a complete run: its last counters
 
 
+class EventLog:
+    """The run's TensorBoard events (W&B's sync_tensorboard reads the same file). tensorboard's own event writer, not
+    tensorboardX's: its flush() returns only when every record logged before it is on disk, which a checkpoint needs
+    (it stores the file's size, and a resume cuts the file there); tensorboardX's flush() leaves queued records behind,
+    so a run killed after a checkpoint lost the last logged step."""
+
+    def __init__(self, folder: Path):
+        from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2  # (0.3 s: not for --help)
+        from tensorboard.summary.writer import event_file_writer  # its class looked up now: wandb.init patches it
+
+        self.pb = dict(event=event_pb2.Event, summary=summary_pb2.Summary, value=summary_pb2.Summary.Value, meta=summary_pb2.SummaryMetadata,
+                       tensor=tensor_pb2.TensorProto, string=types_pb2.DT_STRING)
+        self.file = event_file_writer.EventFileWriter(str(folder), flush_secs=30)
+
+    def _add(self, step: int, value) -> None:
+        self.file.add_event(self.pb["event"](wall_time=time.time(), step=step, summary=self.pb["summary"](value=[value])))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self._add(step, self.pb["value"](tag=tag, simple_value=float(value)))
+
+    def text(self, tag: str, markdown: str) -> None:
+        """Shown in TensorBoard's Text tab: the text plugin's summary, a scalar string tensor."""
+        meta = self.pb["meta"](plugin_data=self.pb["meta"].PluginData(plugin_name="text"))
+        tensor = self.pb["tensor"](dtype=self.pb["string"], string_val=[markdown.encode()])
+        self._add(0, self.pb["value"](tag=f"{tag}/text_summary", metadata=meta, tensor=tensor))
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class Interrupted(Exception):
     """SIGINT/SIGTERM was handled: a checkpoint is written; the message says how to resume."""
 
@@ -275,18 +308,16 @@ class Run:
                 raise RunError(f"Weights & Biases could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                f"check `wandb login` and the network, or set WANDB_MODE=offline") from None
             self.wandb = wandb
-        from tensorboardX import SummaryWriter
-
-        self.writer = SummaryWriter(str(self.dir), flush_secs=30)
+        self.writer = EventLog(self.dir)
         if not self.resumed:
-            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+            self.writer.text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
             save_atomic(self.dir / "args.json", json.dumps(dataclasses.asdict(args), indent=2).encode())
         self.interrupt = Interrupt()
         self.last_checkpoint = time.time()
         print(f"run folder: {self.dir}" + (f" (resumed from {self.resumed.name}, phase {self.phase})" if self.resumed else ""))
 
     def log(self, tag: str, value: float, step: int) -> None:
-        self.writer.add_scalar(tag, value, step)
+        self.writer.scalar(tag, value, step)
 
     def log_video(self, path: Path) -> None:
         """The video in the W&B run's media too (as CleanRL's monitor_gym), with --track."""

@@ -166,7 +166,8 @@ def test_phase_rates_reads_the_scripts_summary_lines_and_refuses_a_rate_that_tim
 # phase 3 calls of K = 2 updates (after 1), the online phase 10 vector steps of learning (after the first). K = 2 keeps
 # the two fused updates (the limit's and the script's), unrolled on a CPU, quick to compile.
 E2E_FLAGS = ["--limit-seconds", "0.3", "--updates-per-call", "2", "--teacher-steps", "160", "--offline-steps", "6",
-             "--total-timesteps", "240", "--learning-starts", "160", "--eval-steps", "64", "--checkpoint-mib", "4"]
+             "--total-timesteps", "240", "--learning-starts", "160", "--eval-steps", "64", "--checkpoint-mib", "4",
+             "--num-envs", "2", "--eval-num-envs", "4"]  # fewer envs than the defaults (8, 16): the wiring, not the speed
 
 
 def test_throughput_end_to_end_prints_every_figure_and_derives_them_from_the_printed_rates(tmp_path):
@@ -184,7 +185,7 @@ def test_throughput_end_to_end_prints_every_figure_and_derives_them_from_the_pri
 
     args = dqn.Args()
     assert [f[k] for k in config[:3]] == ["dqn", "nature", 2] and f["device"].startswith("cpu")
-    assert {k: f[k] for k in bm.PROTOCOL} == bm.paper_protocol(args, 8, args.eval_num_envs, f["state_bytes"], prioritized=False)
+    assert {k: f[k] for k in bm.PROTOCOL} == bm.paper_protocol(args, 2, 4, f["state_bytes"], prioritized=False)
     # the train state: the Nature student's float32 params, its target and Adam's two moments
     import jax
 

@@ -199,18 +199,19 @@ def expected_name(env_id, seed, method="qdagger", exp="qdagger_dqn_atari_jax"):
 
 def test_launcher_tiny_grid(tmp_path, fixture_copy):
     teacher = fixture_copy("teacher_tf")
-    r = run_launcher(tmp_path, "--script", DQN_SCRIPT, "--env-ids", "Breakout-v5", "Atlantis-v5", "--seeds", "1", "2",
+    r = run_launcher(tmp_path, "--script", DQN_SCRIPT, "--env-ids", "Breakout-v5", "Atlantis-v5", "--seeds", "2",
                      "--methods", "qdagger", "--workers", "2", "--", "--teacher-checkpoint", teacher, *TINY)
+    # two runs at once (the whole envs x seeds x methods grid is checked by the dry run below); seed 2 is not the default
     out = r.stdout
     assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
     starts = [line for line in out.splitlines() if "] start " in line]
-    assert len(starts) == 4, out
+    assert len(starts) == 2, out
     assert all(str(DQN_SCRIPT) in line and "--teacher-checkpoint" in line for line in starts)
-    assert out.count("exit code 0 after") == 4 and "4/4 runs succeeded" in out
+    assert out.count("exit code 0 after") == 2 and "2/2 runs succeeded" in out
 
-    grid = {(e, s) for e in ("Breakout-v5", "Atlantis-v5") for s in (1, 2)}
+    grid = {(e, 2) for e in ("Breakout-v5", "Atlantis-v5")}
     folders = [d for d in (tmp_path / "runs").iterdir() if d.name != "launch-logs"]
-    assert len(folders) == 4, folders
+    assert len(folders) == 2, folders
     found = set()
     for d in folders:
         args = json.loads((d / "args.json").read_text())

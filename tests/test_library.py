@@ -171,3 +171,28 @@ def test_sizes_are_told_in_a_unit_that_shows_the_number(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(2**30, 2**30 - 30 * 2**20, 30 * 2**20))
     with pytest.raises(tu.RunError, match=r"need 1\.0 GiB on disk but .* has 30\.0 MiB free"):
         check_output_folder(tmp_path / "runs" / "x", 2**30, "the checkpoints")
+
+
+def test_the_event_log_is_on_disk_up_to_every_record_when_flush_returns(tmp_path):
+    """A checkpoint stores the event file's size after a flush and a resume cuts the file there, so every record
+    logged before the flush must lie within that size (tensorboardX's flush left queued records out: a run killed
+    after its checkpoint lost the last logged step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from reincarnate.run import EventLog
+
+    log = EventLog(tmp_path / "run")
+    log.text("hyperparameters", "|param|value|\n|-|-|\n|seed|1|")
+    for step in range(1, 2001):
+        log.scalar("offline/loss", 1.0 / step, step)
+    log.flush()
+    (events,) = (tmp_path / "run").glob("events.out.tfevents.*")
+    cut = tmp_path / "cut" / events.name
+    cut.parent.mkdir()
+    cut.write_bytes(events.read_bytes()[: events.stat().st_size])  # what a resume keeps, read at once as a kill would
+    log.close()
+    acc = EventAccumulator(str(cut.parent), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("offline/loss")] == list(range(1, 2001))
+    assert acc.Scalars("offline/loss")[-1].value == pytest.approx(1 / 2000)
+    assert acc.Tags()["tensors"] == ["hyperparameters/text_summary"]

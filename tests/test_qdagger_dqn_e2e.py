@@ -279,6 +279,8 @@ def test_impala_student_and_wandb_offline(tmp_path, fixture_copy):
     assert "offline/loss" in read_events(run_dir).Tags()["scalars"]
     offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert offline_runs and list(offline_runs[0].glob("*.wandb"))
+    (records,) = offline_runs[0].glob("*.wandb")
+    assert b"offline/loss" in records.read_bytes()  # sync_tensorboard found the run's event file and sent its scalars
     import imageio.v2 as imageio
 
     video = imageio.get_reader(run_dir / "videos" / "final-eval.mp4")

@@ -48,18 +48,18 @@ def raw_return(game: str, normalized: float, teacher: float | None = None) -> fl
 
 def make_run(root: Path, name: str, config: dict | None, evals: list[tuple[int, float]], teacher: float | None = None,
              hparams: dict | None = None) -> Path:
-    """A run folder as the training scripts write it: tensorboardX events (+ args.json)."""
-    from tensorboardX import SummaryWriter
+    """A run folder as the training scripts write it: their event writer's events (+ args.json)."""
+    from reincarnate.run import EventLog
 
     run_dir = root / name
-    writer = SummaryWriter(str(run_dir))
+    writer = EventLog(run_dir)
     if hparams is not None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hparams.items()))
+        writer.text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hparams.items()))
     if teacher is not None:
-        writer.add_scalar("teacher/mean_return", teacher, 0)
+        writer.scalar("teacher/mean_return", teacher, 0)
     for step, value in evals:
-        writer.add_scalar("eval/episodic_return", value, step)
-        writer.add_scalar("charts/SPS", 1000, step)
+        writer.scalar("eval/episodic_return", value, step)
+        writer.scalar("charts/SPS", 1000, step)
     writer.close()
     if config is not None:
         (run_dir / "args.json").write_text(json.dumps(config, indent=2))
