@@ -19,10 +19,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# One XLA thread per process: the suite runs a process per core (pytest -n auto), each starting scripts, so XLA's own
-# thread pool only oversubscribes the cores (measured on 2 cores: test_rainbow_e2e 283 s -> 239 s, CPU time -15%).
-if "XLA_FLAGS" not in os.environ:
-    os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 @pytest.fixture(scope="session")
