@@ -34,24 +34,25 @@ class EventLog:
     so a run killed after a checkpoint lost the last logged step."""
 
     def __init__(self, folder: Path):
-        from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2  # (0.3 s: not for --help)
+        from tensorboard.compat.proto import event_pb2, summary_pb2  # (0.3 s: not for --help)
         from tensorboard.summary.writer import event_file_writer  # its class looked up now: wandb.init patches it
 
-        self.pb = dict(event=event_pb2.Event, summary=summary_pb2.Summary, value=summary_pb2.Summary.Value, meta=summary_pb2.SummaryMetadata,
-                       tensor=tensor_pb2.TensorProto, string=types_pb2.DT_STRING)
+        self.Event, self.Summary = event_pb2.Event, summary_pb2.Summary
         self.file = event_file_writer.EventFileWriter(str(folder), flush_secs=30)
 
     def _add(self, step: int, value) -> None:
-        self.file.add_event(self.pb["event"](wall_time=time.time(), step=step, summary=self.pb["summary"](value=[value])))
+        self.file.add_event(self.Event(wall_time=time.time(), step=step, summary=self.Summary(value=[value])))
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        self._add(step, self.pb["value"](tag=tag, simple_value=float(value)))
+        self._add(step, self.Summary.Value(tag=tag, simple_value=float(value)))
 
     def text(self, tag: str, markdown: str) -> None:
         """Shown in TensorBoard's Text tab: the text plugin's summary, a scalar string tensor."""
-        meta = self.pb["meta"](plugin_data=self.pb["meta"].PluginData(plugin_name="text"))
-        tensor = self.pb["tensor"](dtype=self.pb["string"], string_val=[markdown.encode()])
-        self._add(0, self.pb["value"](tag=f"{tag}/text_summary", metadata=meta, tensor=tensor))
+        from tensorboard.compat.proto import summary_pb2, tensor_pb2, types_pb2
+
+        meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[markdown.encode()])
+        self._add(0, self.Summary.Value(tag=f"{tag}/text_summary", metadata=meta, tensor=tensor))
 
     def flush(self) -> None:
         self.file.flush()

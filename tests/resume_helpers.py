@@ -1,7 +1,10 @@
-"""What the resume tests of both scripts share: waiting for a checkpoint, killing a run there, reading its end."""
+"""What the resume tests of both scripts share: waiting for a checkpoint, killing a run there, reading its end; and
+the DQN script's small resumable run (test_resume, test_resume_commands)."""
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -55,3 +58,27 @@ def one_value_per_step(run_dir: Path) -> dict:
         assert len(steps) == len(set(steps)), f"{tag} logged twice at some step: {steps}"
         series[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
     return series
+
+
+# ----------------------------------------------------------------------------
+# The DQN script's resumable run
+# ----------------------------------------------------------------------------
+SCRIPT = Path(__file__).resolve().parent.parent / "qdagger_dqn_atari_jax.py"
+# Small but long enough to be killed in each phase; a checkpoint every 16 agent steps (and 16 offline updates). Lambda
+# is 0 for good after the evaluation at 256 (the decay period is over): the second half runs the online step without the teacher.
+FLAGS = ["--distill-decay-period", "256", "--num-envs", "2", "--eval-steps", "100", "--max-episode-steps", "100", "--eval-num-envs", "2", "--teacher-steps", "384",
+         "--offline-steps", "48", "--updates-per-call", "2", "--offline-eval-frequency", "24", "--total-timesteps", "512",
+         "--learning-starts", "128", "--buffer-size", "1024", "--batch-size", "8", "--eval-frequency", "256", "--log-frequency", "8",
+         "--checkpoint-frequency", "16", "--keep-checkpoints", "2", "--save-model"]
+
+
+def start(cwd, name, *extra, teacher, env=None):
+    return subprocess.Popen([sys.executable, str(SCRIPT), "--teacher-checkpoint", str(teacher), "--run-name", name, *FLAGS, *extra],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def run_whole(cwd: Path, teacher: Path) -> tuple[str, Path]:
+    """The uninterrupted run that a killed and resumed one must end as: its stdout and its run folder."""
+    rc, out, err = finish(start(cwd, "whole", teacher=teacher))
+    assert rc == 0, err[-3000:]
+    return out, cwd / "runs" / "whole"

@@ -30,7 +30,8 @@ PROTOCOL = dict(num_envs=8, eval_num_envs=8, train_frequency=4, eval_steps=125_0
 def test_derived_figures_of_a_cpu_like_machine_where_the_updates_bound_online():
     measured = dict(env_only_sps=4000, eval_env_only_sps=5000, teacher_act_per_s=1000, student_act_per_s=500, eval_teacher_act_per_s=800,
                     eval_student_act_per_s=400, update_single_per_s=25, update_fused_per_s=20, disk_write_bytes_per_s=1e9, teacher_eval_sps=2000,
-                    student_eval_sps=1500, teacher_collect_sps=2000, offline_updates_per_s=25, online_sps=50, checkpoint_write_bytes_per_s=5e8)
+                    student_eval_sps=1500, teacher_eval_live_fraction=0.95, student_eval_live_fraction=0.82, teacher_collect_sps=2000,
+                    offline_updates_per_s=25, online_sps=50, checkpoint_write_bytes_per_s=5e8)
     assert set(measured) == set(bm.MEASURED) and set(PROTOCOL) == set(bm.PROTOCOL)
     d = bm.derived_figures(measured, PROTOCOL)
     # Worked by hand: the envs take 8 / 4000 = 0.002 s per vector step (8 / 5000 = 0.0016 s for the evaluations'); the
@@ -48,6 +49,8 @@ def test_derived_figures_of_a_cpu_like_machine_where_the_updates_bound_online():
         "online_vs_serial_bound": 0.625,  # 50 / 80
         "teacher_eval_vs_serial_bound": 0.7125,  # 2000 x 0.00285 / 8 = 5.7 / 8
         "eval_vs_serial_bound": 0.76875,  # 1500 x 0.0041 / 8 = 6.15 / 8
+        "teacher_eval_loop_vs_serial_bound": 0.75,  # 0.7125 / 0.95: the loop, its waiting envs' steps counted
+        "eval_loop_vs_serial_bound": 0.9375,  # 0.76875 / 0.82
         "paper_budget_minutes": 1500.0,  # (1,000,000 / 25 + 2,500,000 / 50) / 60 = (40,000 + 50,000) / 60
         # The run at the measured rates, in seconds: the teacher's evaluation 125,000 / 2000 = 62.5; the roll-out
         # 1,000,000 / 2000 = 500; offline 1,000,000 / 25 = 40,000 and its 10 evaluations 1,250,000 / 1500 = 833.3; online
@@ -75,7 +78,7 @@ def test_derived_figures_of_a_cpu_like_machine_where_the_updates_bound_online():
 def test_derived_figures_of_a_gpu_like_machine_where_acting_bounds_online():
     measured = dict(env_only_sps=8000, eval_env_only_sps=8000, teacher_act_per_s=2000, student_act_per_s=4000, eval_teacher_act_per_s=2000,
                     eval_student_act_per_s=4000, update_single_per_s=1000, update_fused_per_s=2500, disk_write_bytes_per_s=2e9,
-                    teacher_eval_sps=4000, student_eval_sps=6000, teacher_collect_sps=3200, offline_updates_per_s=2000, online_sps=2500,
+                    teacher_eval_sps=4000, student_eval_sps=6000, teacher_eval_live_fraction=1.0, student_eval_live_fraction=0.9375, teacher_collect_sps=3200, offline_updates_per_s=2000, online_sps=2500,
                     checkpoint_write_bytes_per_s=1e9)
     d = bm.derived_figures(measured, {**PROTOCOL, "checkpoint_minutes": 0.0})  # 0: checkpoints by count only
     # Worked by hand: the envs take 8 / 8000 = 0.001 s per vector step; the updates allow 4 x 2500 = 10,000 agent steps/s.
@@ -92,6 +95,8 @@ def test_derived_figures_of_a_gpu_like_machine_where_acting_bounds_online():
         "online_vs_serial_bound": 0.390625,  # 2500 / 6400
         "teacher_eval_vs_serial_bound": 0.75,  # 4000 x 0.0015 / 8
         "eval_vs_serial_bound": 0.9375,  # 6000 / 6400
+        "teacher_eval_loop_vs_serial_bound": 0.75,  # 0.75 / 1.0: no env waited
+        "eval_loop_vs_serial_bound": 1.0,  # 0.9375 / 0.9375: the loop at its bound, the waiting envs cost the rest
         "paper_budget_minutes": 25.0,  # (1,000,000 / 2000 + 2,500,000 / 2500) / 60 = (500 + 1000) / 60
         # Seconds: 125,000 / 4000 = 31.25; 1,000,000 / 3200 = 312.5; 500; 1,250,000 / 6000 = 208.3; 1000; 208.3; the
         # checkpoints by count only: 4 x 7.05e9 + 7e9 + 12 x 5e7 + 9 x 7.05e9 = 99.25e9 bytes at 1e9 bytes/s = 99.25 s.
