@@ -417,8 +417,16 @@ class _CountedSteps:
         self.vector_steps += 1
         return self.envs.step(actions)
 
-    def close(self):
-        self.envs.close()
+
+def timed_evaluation(act, params, envs, eval_steps: int, key) -> tuple[float, float]:
+    """One evaluation (evaluation.evaluate, Dopamine's protocol) of at least eval_steps agent steps: its agent steps/s
+    and its live fraction, agent steps / (vector steps x envs)."""
+    from reincarnate.evaluation import evaluate
+
+    counted = _CountedSteps(envs)
+    t0 = time.perf_counter()
+    _, _, steps = evaluate(act, params, counted, eval_steps, 0.001, key)
+    return steps / (time.perf_counter() - t0), steps / (counted.vector_steps * envs.num_envs)
 
 
 def _evaluations_and_checkpoint(cfg: Throughput, script, teacher_params, E: int, folder: Path) -> dict:
@@ -433,14 +441,11 @@ def _evaluations_and_checkpoint(cfg: Throughput, script, teacher_params, E: int,
     out = {}
     key = jax.random.PRNGKey(1)
     for who, (act, params) in _acts(cfg, script, teacher_params).items():
-        envs = _CountedSteps(tu.make_teacher_envs("Breakout-v5", E, seed=1, max_episode_steps=EVAL_EPISODE_CAP))
+        envs = tu.make_teacher_envs("Breakout-v5", E, seed=1, max_episode_steps=EVAL_EPISODE_CAP)
         try:
             evaluate(act, params, envs, 2 * E, 0.001, key)  # compiles the act at E envs
-            envs.vector_steps = 0
-            t0 = time.perf_counter()
-            _, _, steps = evaluate(act, params, envs, cfg.eval_steps or 4 * EVAL_EPISODE_CAP * E, 0.001, key)
-            out[f"{who}_eval_sps"] = steps / (time.perf_counter() - t0)
-            out[f"{who}_eval_live_fraction"] = steps / (envs.vector_steps * E)
+            out[f"{who}_eval_sps"], out[f"{who}_eval_live_fraction"] = timed_evaluation(
+                act, params, envs, cfg.eval_steps or 4 * EVAL_EPISODE_CAP * E, key)
         finally:
             envs.close()
     rng = np.random.default_rng(0)

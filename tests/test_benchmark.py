@@ -209,3 +209,31 @@ def test_throughput_end_to_end_prints_every_figure_and_derives_them_from_the_pri
 
 ONES = dict.fromkeys(bm.MEASURED, 1.0)
 PROTOCOL_ONES = {**dict.fromkeys(bm.PROTOCOL, 1), "checkpoint_minutes": 0.0}
+
+
+class ScriptedEpisodes:
+    """Two envs whose episodes always last 2 and 5 agent steps, with envpool's auto-reset step after each end."""
+
+    num_envs = 2
+    lengths = np.array([2, 5])
+
+    def reset(self):
+        self.t, self.ended = np.zeros(2, np.int64), np.zeros(2, bool)
+        return np.zeros((2, 4, 84, 84), np.uint8), {}
+
+    def step(self, actions):
+        self.t = np.where(self.ended, 0, self.t + 1)  # the step after an end is the reset
+        terminated = self.t == self.lengths
+        self.ended = terminated
+        return np.zeros((2, 4, 84, 84), np.uint8), np.zeros(2), terminated, np.zeros(2, bool), {"reward": np.ones(2)}
+
+
+def test_an_evaluation_counts_its_live_fraction_the_waiting_envs_steps_excluded():
+    import jax
+    import jax.numpy as jnp
+
+    act = lambda params, obs, key, eps: (jnp.zeros(obs.shape[0], jnp.int32), None, key)  # noqa: E731
+    sps, live = bm.timed_evaluation(act, None, ScriptedEpisodes(), 1, jax.random.PRNGKey(0))
+    # The budget (1 step) is reached at the first step; env 0's episode ends at step 2 and it waits (stepped) until env
+    # 1's ends at step 5: 2 + 5 live agent steps in 5 vector steps of 2 envs.
+    assert live == 0.7 and sps > 0
