@@ -20,19 +20,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# With --dist loadfile a file runs whole on one worker. xdist would start the files with the most tests first, so the
-# long end-to-end files (few tests each) would start last and one of them would run alone at the end while the other
-# core idles. Instead the files start longest first (their test time measured on 2 cores, longest first), the rest in
-# their usual order; pyproject's addopts pass --no-loadscope-reorder so xdist keeps this order.
-LONGEST_FIRST = ["test_qdagger_dqn_e2e.py", "test_methods.py", "test_resume.py", "test_resume_commands.py", "test_rainbow_e2e.py",
-                 "test_resume_rainbow.py", "test_rainbow_unit.py", "test_launch_and_sweeps.py", "test_benchmark.py",
-                 "test_teacher_sources.py", "test_enjoy.py"]
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
-
 
 @pytest.fixture(scope="session")
 def fixture_copy(tmp_path_factory):
