@@ -266,16 +266,17 @@ class LocalLauncher:
                 threads_results[i] = self.run_one(i + 1, len(runs), runs[i])
 
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(self.slots.qsize(), len(runs)))]
-        for t in threads:
-            t.start()
-        try:
+        try:  # the starts inside: a Ctrl-C while the main thread still waits in Thread.start() (its runs may have begun) must stop them too
+            for t in threads:
+                t.start()
             for t in threads:
                 while t.is_alive():
                     t.join(timeout=0.5)
         except KeyboardInterrupt:
             self.stop()
             for t in threads:
-                t.join(timeout=5)
+                if t.is_alive():
+                    t.join(timeout=5)
         return [r if r is not None else Result(run, None, 0.0, self.log_dir / f"{run.run_name}.log")
                 for r, run in zip(threads_results, runs)]
 

@@ -410,6 +410,37 @@ def test_ctrl_c_sends_each_run_one_sigterm_and_waits_for_its_checkpoint(tmp_path
     assert "interrupted: sent SIGTERM to 2 running run(s)" in out and "Traceback" not in err
 
 
+def test_a_ctrl_c_while_the_workers_start_still_stops_the_started_runs(tmp_path, monkeypatch, capsys):
+    """The Ctrl-C lands in the main thread's Thread.start() of the second worker, after that worker's run began (a
+    starved main thread on a loaded machine): the launcher must still send its SIGTERM and wait for the checkpoints."""
+    script = tmp_path / "fake_train.py"
+    script.write_text(SIGNAL_SCRIPT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FAKE_ON_SIGTERM", "checkpoint")
+    runs = [launch.Run("Pong-v5", s, "qdagger", f"run-{s}", ["--seed", str(s)]) for s in (1, 2, 3)]
+    real_start, starts = launch.threading.Thread.start, []
+
+    def start_then_ctrl_c(thread):
+        real_start(thread)
+        starts.append(thread)
+        if len(starts) == 2:
+            deadline = time.monotonic() + 60
+            while not all((tmp_path / f"started-{s}").is_file() and (tmp_path / f"started-{s}").read_text() for s in (1, 2)):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch.threading.Thread, "start", start_then_ctrl_c)
+    launcher = launch.LocalLauncher(sys.executable, str(script), tmp_path / "logs", tmp_path, [{}, {}], stop_timeout=30)
+    results = launcher.run_all(runs)
+    out = capsys.readouterr().out
+    assert "interrupted: sent SIGTERM to 2 running run(s)" in out, out
+    assert [r.returncode for r in results] == [130, 130, None] and all(r.interrupted for r in results[:2])
+    for seed in (1, 2):
+        assert (tmp_path / f"signals-{seed}.txt").read_text() == "SIGTERM\n" and (tmp_path / f"checkpoint-{seed}").is_file()
+    assert not (tmp_path / "started-3").exists()
+
+
 def test_a_second_ctrl_c_or_the_stop_timeout_kills_the_runs(tmp_path):
     (tmp_path / "again").mkdir()
     proc = start_interruptible_grid(tmp_path / "again", "ignore")
