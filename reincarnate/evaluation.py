@@ -106,15 +106,16 @@ def evaluate_teacher(run, act, teacher, params, make_envs: Callable, key, random
     print(f"(a) {summary('teacher', returns, steps)}; random score {random_return:g} [{steps / (time.time() - t0):.0f} agent steps/s]")
 
 
-def evaluate_student(act, params, make_envs: Callable, args, run, device, desc: str, seed_offset: int, frames: list | None = None):
+def evaluate_student(act, params, make_envs: Callable, args, run, device, desc: str, seed_offset: int, frames: list | None = None,
+                     stop: Callable[[], bool] | None = None):
     """The student on Dopamine's protocol on fresh envs, with a key apart from the training keys (so a rerun after a
-    resume is the same); an interrupt ends it early (run.interrupted). Returns (returns, agent steps)."""
+    resume is the same); an interrupt (run.interrupted) or `stop()` ends it early. Returns (returns, agent steps)."""
     run.check_finite(params, f"before the {desc}")  # nothing is evaluated (or logged) of a diverged student
     key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(args.seed), seed_offset), device)
     envs = make_envs(args.eval_num_envs, seed=args.seed + seed_offset)
     try:
         returns, _, steps = evaluate(act, params, envs, args.eval_steps, args.eval_epsilon, key, desc=desc, frames=frames,
-                                     max_episodes=args.eval_episodes, stop=lambda: run.interrupted)
+                                     max_episodes=args.eval_episodes, stop=lambda: run.interrupted or (stop is not None and stop()))
     finally:
         envs.close()
     return returns, steps

@@ -20,7 +20,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from reincarnate.checkpoints import CHECKPOINT_SENTINEL, latest_checkpoint, lock_run_folder, read_checkpoint_array, tree_arrays, unlock_run_folder, write_checkpoint
+from reincarnate.checkpoints import (CHECKPOINT_SENTINEL, latest_checkpoint, lock_run_folder, read_checkpoint_array, tree_arrays, tree_from, unlock_run_folder,
+                                    write_checkpoint)
 from reincarnate.errors import ConfigError, RunError
 
 
@@ -481,26 +482,99 @@ def log_student_eval(run: Run, game: str, returns: list[float], steps: int, glob
     return student_return, line
 
 
-def offline_evaluation(run: Run, evaluate_student: Callable, params, step: int, unchecked: list, rate, normalized: Callable,
-                       on_interrupt: Callable[[], None]) -> None:
-    """An evaluation of the offline phase, as the reference's runner evaluates each offline iteration (no effect on
-    training): the losses so far logged first, then offline/eval_return and offline/teacher_normalized_score at
-    offline update `step`; its time is not the phase's (`rate`). An interrupted one runs again after a resume."""
-    from reincarnate.evaluation import summary
+class OfflineEvaluations:
+    """The offline phase's student evaluations, as the reference's runner evaluates each offline iteration. They feed
+    nothing back (lambda is 1 offline), so with --overlap-offline-eval each plays in its own thread on a copy of the
+    params while the updates go on, and is logged at its own update step when it lands: the same envs, seeds and key as
+    played in between, so the same result. One at a time; the last one (after the last update) is played in between.
 
-    log_offline_losses(run, unchecked, run.args.log_frequency, run.args.offline_steps)
-    t0 = time.time()
-    returns, steps = evaluate_student(params, desc="offline eval", seed_offset=20_000 + step)
-    rate.pause(time.time() - t0)
-    if run.interrupted:
-        on_interrupt()
-    if returns:
-        run.log("offline/eval_return", float(np.mean(returns)), step)
-        if (tns := normalized(float(np.mean(returns)))) is not None:
-            run.log("offline/teacher_normalized_score", tns, step)
-    from tqdm import tqdm
+    A checkpoint waits for the pending one. After a signal it stops early and stays pending: the checkpoint keeps its
+    params and update step (`progress()`, `arrays()`), and the resume plays it again. Use as a context manager: an error
+    in the loop stops and joins the thread."""
 
-    tqdm.write(f"(c) {summary(f'offline update {step}: student', returns, steps)}")
+    def __init__(self, run: Run, evaluate_student: Callable, normalized: Callable, rate, template, device, checkpoint: Callable[[], None]):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.run, self.evaluate_student, self.normalized, self.rate = run, evaluate_student, normalized, rate
+        self.checkpoint = checkpoint  # the phase's checkpoint (a pending evaluation's progress() and arrays() in it); leaves after a signal
+        self.overlap = run.args.overlap_offline_eval
+        self.pool, self.cancel = ThreadPoolExecutor(1, thread_name_prefix="offline-eval"), threading.Event()
+        self.pending = None  # (update step, params copy, future)
+        if run.resumed and run.progress.get("pending_eval") is not None:  # stopped by a signal: played again
+            self._submit(run.progress["pending_eval"], tree_from(run.resumed, "eval_params", template, device))
+
+    @property
+    def note(self) -> str:
+        return "evaluations overlapped with them" if self.overlap else "evaluations excluded"
+
+    def start(self, params, step: int, unchecked: list, last: bool) -> None:
+        """Evaluate `params` at offline update `step`, the losses so far logged first; in between (its time not the
+        phase's `rate`) without --overlap-offline-eval or when it is the `last`. Call it before the loop counts the
+        evaluation as done: after a signal the checkpoint is the one from before it, so the resume plays it again."""
+        log_offline_losses(self.run, unchecked, self.run.args.log_frequency, self.run.args.offline_steps)
+        self.wait()
+        if self.run.interrupted:
+            self.checkpoint()
+        self.run.check_finite(params, "before the offline eval")  # here, not in the thread: the error names this step
+        if self.overlap and not last:
+            return self._submit(step, jax.tree.map(jax.numpy.copy, params))  # the offline calls donate the state
+        t0 = time.time()
+        returns, steps = self.evaluate_student(params, desc="offline eval", seed_offset=20_000 + step)
+        self.rate.pause(time.time() - t0)
+        if self.run.interrupted:
+            self.checkpoint()
+        self._log(step, returns, steps)
+
+    def _submit(self, step: int, params) -> None:
+        future = self.pool.submit(self.evaluate_student, params, desc="offline eval", seed_offset=20_000 + step, stop=self.cancel.is_set)
+        self.pending = (step, params, future)
+
+    def poll(self) -> None:
+        """Log the pending evaluation if it has landed."""
+        if self.pending is not None and self.pending[2].done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait for the pending evaluation and log it; one a signal stopped stays pending (for the checkpoint)."""
+        if self.pending is None:
+            return
+        step, _, future = self.pending
+        returns, steps = future.result()
+        if not self.run.interrupted:
+            self.pending = None
+            self._log(step, returns, steps)
+
+    def progress(self) -> dict:
+        return {} if self.pending is None else dict(pending_eval=self.pending[0])
+
+    def arrays(self) -> dict:
+        return {} if self.pending is None else tree_arrays("eval_params", self.pending[1])
+
+    def _log(self, step: int, returns: list, steps: int) -> None:
+        from tqdm import tqdm
+
+        from reincarnate.evaluation import summary
+
+        if returns:
+            self.run.log("offline/eval_return", float(np.mean(returns)), step)
+            if (tns := self.normalized(float(np.mean(returns)))) is not None:
+                self.run.log("offline/teacher_normalized_score", tns, step)
+        tqdm.write(f"(c) {summary(f'offline update {step}: student', returns, steps)}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None and self.pending is not None:  # the last overlapped one lands in the phase
+                self.wait()
+                if self.pending is not None:  # a signal stopped it
+                    self.checkpoint()
+        finally:
+            if exc[0] is not None:
+                self.cancel.set()  # an error in the loop: the evaluation stops at its next step
+            self.pool.shutdown(wait=True)
 
 
 def log_charts(run: Run, step: int, **values) -> None:

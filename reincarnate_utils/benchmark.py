@@ -25,6 +25,9 @@ the table rounds them.
            excluded; online while learning; a phase too short to time anything after that call has no rate: the
            budget is checked before anything is measured). checkpoint_write_bytes_per_s: the scripts'
            write_checkpoint (every array written, fsynced and its CRC32C read back).
+           overlapped_eval_sps, overlapped_updates_per_s: the student's evaluation (as above) played in its own
+           thread while this one runs the fused offline calls of update_fused_per_s, as the scripts overlap their
+           offline evaluations (--overlap-offline-eval): the evaluation's agent steps/s and the updates/s meanwhile.
   protocol what a default run of the script does (paper_protocol): the budgets, the number of evaluations
            (eval_steps agent steps each), the checkpoints by kind and their bytes.
   derived  (derived_figures; F = the script's train_frequency)
@@ -32,6 +35,9 @@ the table rounds them.
            offline_vs_limit         = offline_updates_per_s / update_fused_per_s
            online_vs_limit          = online_sps / min(env_only_sps, F * update_fused_per_s)
            eval_vs_env_limit        = student_eval_sps / eval_env_only_sps
+           overlapped_updates_vs_limit = overlapped_updates_per_s / update_fused_per_s: the updates' rate kept
+                                    while an evaluation plays beside them
+           overlapped_eval_vs_in_between = overlapped_eval_sps / student_eval_sps
            collect_serial_bound_sps = N / (N / env_only_sps + 1 / teacher_act_per_s)
            online_serial_bound_sps  = min(N / (N / env_only_sps + 1 / student_act_per_s), F * update_fused_per_s)
            teacher_eval_serial_bound_sps, eval_serial_bound_sps = E / (E / eval_env_only_sps + 1 / eval_*_act_per_s)
@@ -44,10 +50,14 @@ the table rounds them.
            run_<part>_minutes       a default run's parts at the measured rates: the teacher's evaluation, the
                                     teacher data, the offline updates, the offline evaluations, the online steps,
                                     the online evaluations (the final one included), the checkpoints (by count,
-                                    plus one per --checkpoint-minutes of each phase, at checkpoint_write_bytes_per_s)
+                                    plus one per --checkpoint-minutes of each phase, at checkpoint_write_bytes_per_s).
+                                    An overlapped offline evaluation costs the updates it displaces:
+                                    eval_steps / overlapped_eval_sps x (1 - overlapped_updates_vs_limit) (it is
+                                    assumed to end before the next one starts); the others eval_steps / student_eval_sps
            bound_<part>_minutes     the same at the limits: env steps at env_only_sps (N or E envs), updates at
-                                    update_fused_per_s, online the envs and the updates perfectly overlapped,
-                                    checkpoints at disk_write_bytes_per_s
+                                    update_fused_per_s, online the envs and the updates perfectly overlapped, so
+                                    the overlapped offline evaluations too (they cost nothing there), checkpoints at
+                                    disk_write_bytes_per_s
            paper_run_minutes, lower_bound_minutes = their sums; paper_run_vs_bound = lower_bound / paper_run
            The serial bounds estimate what a loop that acts once per vector step can reach: the act's round
            trip and the envs' step are serial (the actions of a step need its observations), whatever else
@@ -156,10 +166,11 @@ class Throughput:
 
 MEASURED = ("env_only_sps", "eval_env_only_sps", "teacher_act_per_s", "student_act_per_s", "eval_teacher_act_per_s", "eval_student_act_per_s",
             "update_single_per_s", "update_fused_per_s", "disk_write_bytes_per_s",  # limits
-            "teacher_eval_sps", "student_eval_sps", "teacher_eval_live_fraction", "student_eval_live_fraction", "teacher_collect_sps", "offline_updates_per_s", "online_sps", "checkpoint_write_bytes_per_s")  # phases
+            "teacher_eval_sps", "student_eval_sps", "teacher_eval_live_fraction", "student_eval_live_fraction", "teacher_collect_sps", "offline_updates_per_s", "online_sps", "checkpoint_write_bytes_per_s",
+            "overlapped_eval_sps", "overlapped_updates_per_s")  # phases
 """the measured rates, the inputs of derived_figures"""
 
-PROTOCOL = ("num_envs", "eval_num_envs", "train_frequency", "eval_steps", "teacher_steps", "offline_steps", "offline_evals", "online_steps",
+PROTOCOL = ("num_envs", "eval_num_envs", "train_frequency", "eval_steps", "teacher_steps", "offline_steps", "offline_evals", "overlapped_offline_evals", "online_steps",
             "online_evals", "checkpoint_minutes", "rollout_checkpoints", "state_checkpoints", "online_checkpoints", "teacher_data_bytes",
             "student_replay_bytes", "state_bytes")
 """a default run of the script (paper_protocol), the other input of derived_figures"""
@@ -170,8 +181,9 @@ RUN_PHASES = ("teacher_eval", "teacher_data", "offline", "offline_evals", "onlin
 
 def paper_protocol(args, num_envs: int, eval_num_envs: int, state_bytes: int, prioritized: bool) -> dict:
     """What a default run of the script with `args` does (its defaults but the env counts): the step budgets, the
-    evaluations (the teacher's, one student evaluation every --offline-eval-frequency updates, one every
-    --eval-frequency agent steps before the end and the final one) and the checkpoints by count: every 250,000 agent
+    evaluations (the teacher's, one student evaluation every --offline-eval-frequency updates, all but one after the
+    last update overlapped with the updates by --overlap-offline-eval, one every --eval-frequency agent steps before
+    the end and the final one) and the checkpoints by count: every 250,000 agent
     steps of the roll-out, each with the whole teacher buffer as allocated, then the teacher data once; those of the
     train state only (the offline phase's, one per Dopamine iteration before its end, the student not acting, and
     its start and end; the run's last one); one per iteration of the online phase before its end, each with the
@@ -182,8 +194,10 @@ def paper_protocol(args, num_envs: int, eval_num_envs: int, state_bytes: int, pr
         return -(-n // num_envs) * num_envs
 
     T, every, offline_every = args.total_timesteps, args.eval_frequency, args.offline_eval_frequency
+    offline_evals = args.offline_steps // offline_every
+    overlapped = offline_evals - (args.offline_steps % offline_every == 0) if args.overlap_offline_eval and offline_evals else 0
     return dict(num_envs=num_envs, eval_num_envs=eval_num_envs, train_frequency=args.train_frequency, eval_steps=args.eval_steps,
-                teacher_steps=args.teacher_steps, offline_steps=args.offline_steps, offline_evals=args.offline_steps // offline_every,
+                teacher_steps=args.teacher_steps, offline_steps=args.offline_steps, offline_evals=offline_evals, overlapped_offline_evals=overlapped,
                 online_steps=T, online_evals=-(-T // every), checkpoint_minutes=args.checkpoint_minutes,
                 rollout_checkpoints=args.teacher_steps // 250_000, state_checkpoints=-(-args.offline_steps // offline_every) - 1 + 2 + 1,
                 online_checkpoints=-(-T // every) - 1, teacher_data_bytes=replay_bytes([rows(args.teacher_steps)], 4),
@@ -216,12 +230,15 @@ def derived_figures(m: dict, p: dict) -> dict:
     d["eval_vs_serial_bound"] = m["student_eval_sps"] / d["eval_serial_bound_sps"]
     d["teacher_eval_loop_vs_serial_bound"] = d["teacher_eval_vs_serial_bound"] / m["teacher_eval_live_fraction"]
     d["eval_loop_vs_serial_bound"] = d["eval_vs_serial_bound"] / m["student_eval_live_fraction"]
+    d["overlapped_updates_vs_limit"] = m["overlapped_updates_per_s"] / m["update_fused_per_s"]
+    d["overlapped_eval_vs_in_between"] = m["overlapped_eval_sps"] / m["student_eval_sps"]
     d["paper_budget_minutes"] = (p["offline_steps"] / m["offline_updates_per_s"] + p["online_steps"] / m["online_sps"]) / 60
 
     def whole_run(rates: dict, write_bytes_per_s: float) -> dict:
         """Seconds of each part of a default run at these rates."""
-        t = {"teacher_eval": p["eval_steps"] / rates["teacher_eval"], "teacher_data": p["teacher_steps"] / rates["collect"],
-             "offline": p["offline_steps"] / rates["offline"], "offline_evals": p["offline_evals"] * p["eval_steps"] / rates["eval"],
+        in_between = p["offline_evals"] - p["overlapped_offline_evals"]
+        t = {"teacher_eval": p["eval_steps"] / rates["teacher_eval"], "teacher_data": p["teacher_steps"] / rates["collect"], "offline": p["offline_steps"] / rates["offline"],
+             "offline_evals": in_between * p["eval_steps"] / rates["eval"] + p["overlapped_offline_evals"] * rates["overlapped_eval_seconds"],
              "online": p["online_steps"] / rates["online"], "online_evals": p["online_evals"] * p["eval_steps"] / rates["eval"]}
         # Checkpoints by count, plus one per --checkpoint-minutes of each phase (whole minutes, evaluations included).
         every = 60 * p["checkpoint_minutes"] if p["checkpoint_minutes"] > 0 else math.inf
@@ -232,12 +249,15 @@ def derived_figures(m: dict, p: dict) -> dict:
         t["checkpoints"] = written / write_bytes_per_s
         return t
 
+    displaced = max(1 - d["overlapped_updates_vs_limit"], 0.0)  # the share of the updates an evaluation beside them costs
     measured = whole_run({"teacher_eval": m["teacher_eval_sps"], "collect": m["teacher_collect_sps"], "offline": m["offline_updates_per_s"],
-                          "eval": m["student_eval_sps"], "online": m["online_sps"]}, m["checkpoint_write_bytes_per_s"])
+                          "eval": m["student_eval_sps"], "overlapped_eval_seconds": p["eval_steps"] / m["overlapped_eval_sps"] * displaced,
+                          "online": m["online_sps"]}, m["checkpoint_write_bytes_per_s"])
     # The bound: every env step at the envs' own rate for that many envs, every update at the fused rate, the envs and
     # the updates of the online phase perfectly overlapped, every checkpoint at the disk's raw write rate.
     bound = whole_run({"teacher_eval": m["eval_env_only_sps"], "collect": m["env_only_sps"], "offline": m["update_fused_per_s"],
-                       "eval": m["eval_env_only_sps"], "online": min(m["env_only_sps"], learn_bound)}, m["disk_write_bytes_per_s"])
+                       "eval": m["eval_env_only_sps"], "overlapped_eval_seconds": 0.0, "online": min(m["env_only_sps"], learn_bound)},
+                      m["disk_write_bytes_per_s"])
     for k in RUN_PHASES:
         d[f"run_{k}_minutes"] = measured[k] / 60
     for k in RUN_PHASES:
@@ -381,6 +401,13 @@ def _limits(cfg: Throughput, script, teacher_params, K: int, E: int, folder: Pat
 
     out["update_single_per_s"] = _timed(single_once, cfg.limit_seconds)
     out["update_fused_per_s"] = _timed(fused_once, cfg.limit_seconds, per_call=K)
+    # (a phase, not a limit: measured here, beside the very updates of update_fused_per_s)
+    envs = tu.make_teacher_envs("Breakout-v5", E, seed=2, max_episode_steps=EVAL_EPISODE_CAP)
+    try:
+        out["overlapped_eval_sps"], out["overlapped_updates_per_s"] = overlapped_evaluation(  # a copy, as the scripts: the calls donate the state
+            fused_once, K, acts["student"][0], jax.tree.map(jnp.copy, holder["s"].params), envs, cfg.eval_steps or 4 * EVAL_EPISODE_CAP * E, key)
+    finally:
+        envs.close()
     out["disk_write_bytes_per_s"] = _disk_write(folder, cfg.checkpoint_mib << 20)
     return {k: out[k] for k in MEASURED if k in out}
 
@@ -427,6 +454,28 @@ def timed_evaluation(act, params, envs, eval_steps: int, key) -> tuple[float, fl
     t0 = time.perf_counter()
     _, _, steps = evaluate(act, params, counted, eval_steps, 0.001, key)
     return steps / (time.perf_counter() - t0), steps / (counted.vector_steps * envs.num_envs)
+
+
+def overlapped_evaluation(update_once, K: int, act, params, envs, eval_steps: int, key) -> tuple[float, float]:
+    """An evaluation (timed_evaluation) in its own thread, as OfflineEvaluations plays an offline one, while this
+    thread makes K-update calls (update_once(), warm) until it ends: its agent steps/s and the updates/s meanwhile."""
+    import threading
+
+    import jax
+
+    from reincarnate.evaluation import evaluate
+
+    evaluate(act, params, envs, 2 * envs.num_envs, 0.001, key)  # compiles the act at this many envs
+    jax.block_until_ready(update_once())
+    played = {}
+    thread = threading.Thread(target=lambda: played.update(sps=timed_evaluation(act, params, envs, eval_steps, key)[0]))
+    n, t0 = 0, time.perf_counter()
+    thread.start()
+    while thread.is_alive():
+        jax.block_until_ready(update_once())  # counted when done, not when queued
+        n += K
+    thread.join()
+    return played["sps"], n / (time.perf_counter() - t0)
 
 
 def _evaluations_and_checkpoint(cfg: Throughput, script, teacher_params, E: int, folder: Path) -> dict:

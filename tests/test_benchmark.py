@@ -20,10 +20,10 @@ import reincarnate_utils.benchmark as bm  # noqa: E402
 
 # A default QDagger-DQN run as both examples pass it (paper_protocol's counts, round byte sizes): 8 envs for training and
 # evaluation, 125,000 agent steps per evaluation, a 1M roll-out, 1M offline updates with 10 evaluations, 2.5M online
-# agent steps with 10; 4 roll-out checkpoints (each the whole teacher buffer and the state), the teacher data once, 12
+# agent steps with 10; the first 9 offline evaluations overlapped with the updates; 4 roll-out checkpoints (each the whole teacher buffer and the state), the teacher data once, 12
 # of the state alone, 9 online ones (the student's replay and the state).
 PROTOCOL = dict(num_envs=8, eval_num_envs=8, train_frequency=4, eval_steps=125_000, teacher_steps=1_000_000, offline_steps=1_000_000,
-                offline_evals=10, online_steps=2_500_000, online_evals=10, checkpoint_minutes=30.0, rollout_checkpoints=4, state_checkpoints=12,
+                offline_evals=10, overlapped_offline_evals=9, online_steps=2_500_000, online_evals=10, checkpoint_minutes=30.0, rollout_checkpoints=4, state_checkpoints=12,
                 online_checkpoints=9, teacher_data_bytes=7e9, student_replay_bytes=7e9, state_bytes=5e7)
 
 
@@ -31,7 +31,7 @@ def test_derived_figures_of_a_cpu_like_machine_where_the_updates_bound_online():
     measured = dict(env_only_sps=4000, eval_env_only_sps=5000, teacher_act_per_s=1000, student_act_per_s=500, eval_teacher_act_per_s=800,
                     eval_student_act_per_s=400, update_single_per_s=25, update_fused_per_s=20, disk_write_bytes_per_s=1e9, teacher_eval_sps=2000,
                     student_eval_sps=1500, teacher_eval_live_fraction=0.95, student_eval_live_fraction=0.82, teacher_collect_sps=2000,
-                    offline_updates_per_s=25, online_sps=50, checkpoint_write_bytes_per_s=5e8)
+                    offline_updates_per_s=25, online_sps=50, checkpoint_write_bytes_per_s=5e8, overlapped_eval_sps=1000, overlapped_updates_per_s=15)
     assert set(measured) == set(bm.MEASURED) and set(PROTOCOL) == set(bm.PROTOCOL)
     d = bm.derived_figures(measured, PROTOCOL)
     # Worked by hand: the envs take 8 / 4000 = 0.002 s per vector step (8 / 5000 = 0.0016 s for the evaluations'); the
@@ -51,24 +51,28 @@ def test_derived_figures_of_a_cpu_like_machine_where_the_updates_bound_online():
         "eval_vs_serial_bound": 0.76875,  # 1500 x 0.0041 / 8 = 6.15 / 8
         "teacher_eval_loop_vs_serial_bound": 0.75,  # 0.7125 / 0.95: the loop, its waiting envs' steps counted
         "eval_loop_vs_serial_bound": 0.9375,  # 0.76875 / 0.82
+        "overlapped_updates_vs_limit": 0.75,  # 15 / 20
+        "overlapped_eval_vs_in_between": 2 / 3,  # 1000 / 1500
         "paper_budget_minutes": 1500.0,  # (1,000,000 / 25 + 2,500,000 / 50) / 60 = (40,000 + 50,000) / 60
         # The run at the measured rates, in seconds: the teacher's evaluation 125,000 / 2000 = 62.5; the roll-out
-        # 1,000,000 / 2000 = 500; offline 1,000,000 / 25 = 40,000 and its 10 evaluations 1,250,000 / 1500 = 833.3; online
-        # 2,500,000 / 50 = 50,000 and 833.3 again. Checkpoints, one more per 1800 s of a phase: the roll-out 4 + 0 (500 s) of
-        # 7.05e9 bytes and the teacher data 7e9; the state 12 + 22 (40,833 s) of 5e7; online 9 + 28 (50,833 s) of 7.05e9:
+        # 1,000,000 / 2000 = 500; offline 1,000,000 / 25 = 40,000 and its 10 evaluations: the last 125,000 / 1500 = 83.33,
+        # 9 overlapped ones 125,000 / 1000 x (1 - 0.75) = 31.25 each, 364.58 in all; online 2,500,000 / 50 = 50,000 and its
+        # 10 evaluations 1,250,000 / 1500 = 833.3. Checkpoints, one more per 1800 s of a phase: the roll-out 4 + 0 (500 s) of
+        # 7.05e9 bytes and the teacher data 7e9; the state 12 + 22 (40,364.6 s) of 5e7; online 9 + 28 (50,833 s) of 7.05e9:
         # 28.2e9 + 7e9 + 1.7e9 + 260.85e9 = 297.75e9 bytes at 5e8 bytes/s = 595.5 s.
         "run_teacher_eval_minutes": 62.5 / 60, "run_teacher_data_minutes": 500 / 60, "run_offline_minutes": 40_000 / 60,
-        "run_offline_evals_minutes": 2500 / 3 / 60, "run_online_minutes": 50_000 / 60, "run_online_evals_minutes": 2500 / 3 / 60,
+        "run_offline_evals_minutes": (250 / 3 + 281.25) / 60, "run_online_minutes": 50_000 / 60, "run_online_evals_minutes": 2500 / 3 / 60,
         "run_checkpoints_minutes": 595.5 / 60,
-        # At the limits: 125,000 / 5000 = 25; 1,000,000 / 4000 = 250; 1,000,000 / 20 = 50,000; 1,250,000 / 5000 = 250;
-        # online 2,500,000 / min(4000, 80) = 31,250; 250. Checkpoints: 4 + 0 roll-out, 12 + 27 (50,250 s) of the state,
+        # At the limits: 125,000 / 5000 = 25; 1,000,000 / 4000 = 250; 1,000,000 / 20 = 50,000; the last offline evaluation
+        # 125,000 / 5000 = 25 (the overlapped ones cost nothing there); online 2,500,000 / min(4000, 80) = 31,250; 1,250,000 /
+        # 5000 = 250. Checkpoints: 4 + 0 roll-out, 12 + 27 (50,025 s) of the state,
         # 9 + 17 (31,500 s) online: 28.2e9 + 7e9 + 1.95e9 + 183.3e9 = 220.45e9 bytes at 1e9 bytes/s = 220.45 s.
         "bound_teacher_eval_minutes": 25 / 60, "bound_teacher_data_minutes": 250 / 60, "bound_offline_minutes": 50_000 / 60,
-        "bound_offline_evals_minutes": 250 / 60, "bound_online_minutes": 31_250 / 60, "bound_online_evals_minutes": 250 / 60,
+        "bound_offline_evals_minutes": 25 / 60, "bound_online_minutes": 31_250 / 60, "bound_online_evals_minutes": 250 / 60,
         "bound_checkpoints_minutes": 220.45 / 60,
-        "paper_run_minutes": (62.5 + 500 + 40_000 + 5000 / 3 + 50_000 + 595.5) / 60,  # 92,824.67 s = 1547.1 min
-        "lower_bound_minutes": 82_245.45 / 60,  # 25 + 250 + 50,000 + 250 + 31,250 + 250 + 220.45
-        "paper_run_vs_bound": 82_245.45 / (92_824 + 2 / 3),
+        "paper_run_minutes": (62.5 + 500 + 40_000 + 250 / 3 + 281.25 + 50_000 + 2500 / 3 + 595.5) / 60,  # 92,355.92 s = 1539.3 min
+        "lower_bound_minutes": 82_020.45 / 60,  # 25 + 250 + 50,000 + 25 + 31,250 + 250 + 220.45
+        "paper_run_vs_bound": 82_020.45 / (92_355 + 11 / 12),
     }
     assert list(d) == list(want) and d == pytest.approx(want, rel=1e-9)
     # Acting once per vector step costs time on top of the envs': each serial bound is below the env-only rate.
@@ -79,7 +83,7 @@ def test_derived_figures_of_a_gpu_like_machine_where_acting_bounds_online():
     measured = dict(env_only_sps=8000, eval_env_only_sps=8000, teacher_act_per_s=2000, student_act_per_s=4000, eval_teacher_act_per_s=2000,
                     eval_student_act_per_s=4000, update_single_per_s=1000, update_fused_per_s=2500, disk_write_bytes_per_s=2e9,
                     teacher_eval_sps=4000, student_eval_sps=6000, teacher_eval_live_fraction=1.0, student_eval_live_fraction=0.9375, teacher_collect_sps=3200, offline_updates_per_s=2000, online_sps=2500,
-                    checkpoint_write_bytes_per_s=1e9)
+                    checkpoint_write_bytes_per_s=1e9, overlapped_eval_sps=5000, overlapped_updates_per_s=2000)
     d = bm.derived_figures(measured, {**PROTOCOL, "checkpoint_minutes": 0.0})  # 0: checkpoints by count only
     # Worked by hand: the envs take 8 / 8000 = 0.001 s per vector step; the updates allow 4 x 2500 = 10,000 agent steps/s.
     want = {
@@ -97,19 +101,23 @@ def test_derived_figures_of_a_gpu_like_machine_where_acting_bounds_online():
         "eval_vs_serial_bound": 0.9375,  # 6000 / 6400
         "teacher_eval_loop_vs_serial_bound": 0.75,  # 0.75 / 1.0: no env waited
         "eval_loop_vs_serial_bound": 1.0,  # 0.9375 / 0.9375: the loop at its bound, the waiting envs cost the rest
+        "overlapped_updates_vs_limit": 0.8,  # 2000 / 2500
+        "overlapped_eval_vs_in_between": 5 / 6,  # 5000 / 6000
         "paper_budget_minutes": 25.0,  # (1,000,000 / 2000 + 2,500,000 / 2500) / 60 = (500 + 1000) / 60
-        # Seconds: 125,000 / 4000 = 31.25; 1,000,000 / 3200 = 312.5; 500; 1,250,000 / 6000 = 208.3; 1000; 208.3; the
-        # checkpoints by count only: 4 x 7.05e9 + 7e9 + 12 x 5e7 + 9 x 7.05e9 = 99.25e9 bytes at 1e9 bytes/s = 99.25 s.
+        # Seconds: 125,000 / 4000 = 31.25; 1,000,000 / 3200 = 312.5; 500; the offline evaluations 125,000 / 6000 = 20.83 and
+        # 9 x 125,000 / 5000 x (1 - 0.8) = 9 x 5 = 45; 1000; 1,250,000 / 6000 = 208.3; the checkpoints by count only:
+        # 4 x 7.05e9 + 7e9 + 12 x 5e7 + 9 x 7.05e9 = 99.25e9 bytes at 1e9 bytes/s = 99.25 s.
         "run_teacher_eval_minutes": 31.25 / 60, "run_teacher_data_minutes": 312.5 / 60, "run_offline_minutes": 500 / 60,
-        "run_offline_evals_minutes": 625 / 3 / 60, "run_online_minutes": 1000 / 60, "run_online_evals_minutes": 625 / 3 / 60,
+        "run_offline_evals_minutes": (62.5 / 3 + 45) / 60, "run_online_minutes": 1000 / 60, "run_online_evals_minutes": 625 / 3 / 60,
         "run_checkpoints_minutes": 99.25 / 60,
-        # At the limits: 15.625; 125; 400; 156.25; 2,500,000 / min(8000, 10,000) = 312.5; 156.25; 99.25e9 / 2e9 = 49.625.
+        # At the limits: 15.625; 125; 400; 15.625 (the last offline evaluation); 2,500,000 / min(8000, 10,000) = 312.5; 156.25;
+        # 99.25e9 / 2e9 = 49.625.
         "bound_teacher_eval_minutes": 15.625 / 60, "bound_teacher_data_minutes": 125 / 60, "bound_offline_minutes": 400 / 60,
-        "bound_offline_evals_minutes": 156.25 / 60, "bound_online_minutes": 312.5 / 60, "bound_online_evals_minutes": 156.25 / 60,
+        "bound_offline_evals_minutes": 15.625 / 60, "bound_online_minutes": 312.5 / 60, "bound_online_evals_minutes": 156.25 / 60,
         "bound_checkpoints_minutes": 49.625 / 60,
-        "paper_run_minutes": (31.25 + 312.5 + 500 + 1250 / 3 + 1000 + 99.25) / 60,  # 2359.67 s
-        "lower_bound_minutes": 1215.25 / 60,
-        "paper_run_vs_bound": 1215.25 / (2359 + 2 / 3),
+        "paper_run_minutes": (31.25 + 312.5 + 500 + 62.5 / 3 + 45 + 1000 + 625 / 3 + 99.25) / 60,  # 2217.17 s
+        "lower_bound_minutes": 1074.625 / 60,
+        "paper_run_vs_bound": 1074.625 / (2217 + 1 / 6),
     }
     assert list(d) == list(want) and d == pytest.approx(want, rel=1e-9)
     assert d["collect_serial_bound_sps"] < measured["env_only_sps"] and d["online_serial_bound_sps"] < measured["env_only_sps"]
@@ -122,9 +130,10 @@ def test_paper_protocol_counts_a_default_runs_evaluations_checkpoints_and_bytes(
     p = bm.paper_protocol(dqn.Args(), 8, 4, state_bytes=123, prioritized=False)
     # 1M offline updates, one evaluation per 100,000 (the last at 1M); online 2.5M agent steps, one per 250,000 before
     # the end (9) and the final one; checkpoints at 250k, 500k, 750k and 1M of the roll-out, the offline phase's start,
-    # its 9 before its end and its end, and the run's last (12); online 9 before the end. 7079 bytes per transition.
+    # its 9 before its end and its end, and the run's last (12); online 9 before the end. 7079 bytes per transition. The
+    # offline evaluations at 100k ... 900k overlap the updates; the one at 1M, after the last update, is played in between.
     assert p == dict(num_envs=8, eval_num_envs=4, train_frequency=4, eval_steps=125_000, teacher_steps=1_000_000, offline_steps=1_000_000,
-                     offline_evals=10, online_steps=2_500_000, online_evals=10, checkpoint_minutes=30.0, rollout_checkpoints=4,
+                     offline_evals=10, overlapped_offline_evals=9, online_steps=2_500_000, online_evals=10, checkpoint_minutes=30.0, rollout_checkpoints=4,
                      state_checkpoints=12, online_checkpoints=9, teacher_data_bytes=7079 * 1_000_000, student_replay_bytes=7079 * 1_000_000,
                      state_bytes=123)
     assert list(p) == list(bm.PROTOCOL)

@@ -131,6 +131,27 @@ def test_replay_on_host_run_learns_what_the_device_replay_run_learns(e2e_run, tm
         np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-3, err_msg=tag)
 
 
+def test_offline_evaluations_in_between_log_what_the_overlapped_ones_log(e2e_run, tmp_path, fixture_copy):
+    """The e2e run overlaps its offline evaluation at update 32 with updates 33-64 (the default); played in between
+    (--no-overlap-offline-eval, as the reference) every logged value at every step and the saved model are the same:
+    offline, nothing reads an evaluation's result. Only the measured speeds differ."""
+    r_overlapped, overlapped_dir = e2e_run
+    r = run_script(tmp_path, "--teacher-checkpoint", str(fixture_copy("teacher_tf")), "--num-envs", "2", "--save-model",
+                   "--epsilon-decay-steps", "50", *TINY, "--no-overlap-offline-eval")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "evaluations overlapped with them]" in r_overlapped.stdout and "evaluations excluded]" in r.stdout
+    (in_between_dir,) = (tmp_path / "runs").iterdir()
+    overlapped, in_between = read_events(overlapped_dir), read_events(in_between_dir)
+    tags = {t for t in overlapped.Tags()["scalars"] if not t.endswith("SPS")}
+    assert tags == {t for t in in_between.Tags()["scalars"] if not t.endswith("SPS")}
+    assert {"offline/eval_return", "offline/loss", "eval/episodic_return", "charts/distill_coeff"} <= tags
+    for tag in sorted(tags):
+        assert scalars(in_between, tag) == scalars(overlapped, tag), tag
+    assert [s for s, _ in scalars(overlapped, "offline/eval_return")] == [32, 64]
+    model = "qdagger_dqn_atari_jax.cleanrl_model"
+    assert (in_between_dir / model).read_bytes() == (overlapped_dir / model).read_bytes()
+
+
 def test_replay_on_host_after_lambda_reaches_zero_learns_what_the_device_replay_run_learns(tmp_path, fixture_copy):
     """lambda is 0 for good after the evaluation at 256 (--distill-decay-period 256): from then on the device run's
     online step has no teacher forward pass and --replay-on-host sends zeros for the teacher's Q, with no teacher call

@@ -50,6 +50,6 @@ def test_rainbow_sigkill_then_resume_is_bit_exact(tmp_path, fixture_copy, uninte
     assert final_line(out) == final_line(out_whole) and final_line(out).startswith("final: lambda 0,")
     assert (run_dir / MODEL).read_bytes() == (whole / MODEL).read_bytes()
     resumed, reference = one_value_per_step(run_dir), one_value_per_step(whole)
-    for tag in ("offline/loss", "losses/loss", "losses/priority_mean", "eval/episodic_return", "charts/learning_rate"):
+    for tag in ("offline/loss", "offline/eval_return", "losses/loss", "losses/priority_mean", "eval/episodic_return", "charts/learning_rate"):
         assert [s for s, _ in resumed[tag]] == [s for s, _ in reference[tag]] and reference[tag], tag
         np.testing.assert_array_equal([v for _, v in resumed[tag]], [v for _, v in reference[tag]], err_msg=tag)
