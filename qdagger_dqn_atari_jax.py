@@ -45,8 +45,8 @@ from reincarnate.config import RUNTIME_FLAGS, ProtocolArgs
 from reincarnate.episodes import ActingEnvs
 from reincarnate.evaluation import evaluate_teacher
 from reincarnate.replay import Batch, host_step, make_replay, plan_buffers, replay_add, replay_arrays, replay_from, replay_sample
-from reincarnate.run import (Interrupted, Run, devices_and_keys, final_evaluation, log_charts, log_episodes, log_offline_losses, log_online_losses,
-                             log_student_eval, memory_check, OfflineEvaluations, run_script, save_model)
+from reincarnate.run import (Interrupted, OfflineEvaluations, Run, devices_and_keys, final_evaluation, log_charts, log_episodes, log_online_losses,
+                             log_student_eval, memory_check, run_script, save_model)
 from reincarnate.training import (Coefs, Learner, QState, jsrl_teacher_share, jsrl_use_teacher, linear_schedule, online_epsilon, online_schedule,
                                   phase_coefs, sync_target, train_steps_due)
 
@@ -511,16 +511,15 @@ def main(args: Args) -> None:
             c = phase_coefs(args, 1.0, args.learning_rate, offline=True)
 
             def offline_checkpoint() -> None:  # with a pending offline evaluation's params: the resume plays it again
-                evals.wait()
-                log_offline_losses(run, unchecked, args.log_frequency, args.offline_steps)  # logged before the checkpoint
+                evals.log(wait=True)  # the losses and the evaluation logged before the checkpoint
                 arrays = {**replay_arrays("rb", rb), **acting.arrays()} if acting else {}
                 checkpoint("offline", dict(step=step, next_eval=next_eval, offline_acted=offline_acted, **evals.progress()), {**arrays, **evals.arrays()})
 
             with (tqdm(total=args.offline_steps if offline else 0, initial=step, desc="offline", file=sys.stderr, mininterval=2.0) as bar,
-                  OfflineEvaluations(run, evaluate_student, normalized, rate, state.params, compute_device, offline_checkpoint) as evals):
+                  OfflineEvaluations(run, evaluate_student, normalized, rate, unchecked, state.params, compute_device, offline_checkpoint) as evals):
                 while offline:
                     if args.offline_eval_frequency and step >= next_eval:  # (overlapping the updates, by default)
-                        evals.start(state.params, step, unchecked, last=step >= args.offline_steps)
+                        evals.start(state.params, step, last=step >= args.offline_steps)
                         next_eval += args.offline_eval_frequency
                     if step >= args.offline_steps:
                         break
@@ -536,13 +535,12 @@ def main(args: Args) -> None:
                             run.log("offline/episodic_return", ret, offline_acted + i + 1)
                         rb, offline_acted = learner.store(rb, transition, teacher_params if online_q_dim else None), offline_acted + args.num_envs
                     state, offline_key, metrics = in_flight.result()
-                    evals.poll()
                     unchecked.append((step, n, metrics))  # fetched at log steps, not after every call (a stall)
                     step += n
                     rate.start(step)  # from the end of the first (compiling) call
                     bar.update(n)
                     if step // args.log_frequency != (step - n) // args.log_frequency or step == args.offline_steps:
-                        log_offline_losses(run, unchecked, args.log_frequency, args.offline_steps)
+                        evals.log()  # the losses so far, and an overlapped evaluation that has landed
                         if step > rate.n0:
                             run.log("offline/SPS", rate(step), step)
                     if run.interrupted or (step < args.offline_steps and run.due(step, step - n, args.checkpoint_frequency or args.offline_eval_frequency or 100_000)):

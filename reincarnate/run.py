@@ -492,11 +492,13 @@ class OfflineEvaluations:
     params and update step (`progress()`, `arrays()`), and the resume plays it again. Use as a context manager: an error
     in the loop stops and joins the thread."""
 
-    def __init__(self, run: Run, evaluate_student: Callable, normalized: Callable, rate, template, device, checkpoint: Callable[[], None]):
+    def __init__(self, run: Run, evaluate_student: Callable, normalized: Callable, rate, unchecked: list, template, device,
+                 checkpoint: Callable[[], None]):
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
         self.run, self.evaluate_student, self.normalized, self.rate = run, evaluate_student, normalized, rate
+        self.unchecked = unchecked  # the phase's offline calls whose losses are not logged yet (log_offline_losses)
         self.checkpoint = checkpoint  # the phase's checkpoint (a pending evaluation's progress() and arrays() in it); leaves after a signal
         self.overlap = run.args.overlap_offline_eval
         self.pool, self.cancel = ThreadPoolExecutor(1, thread_name_prefix="offline-eval"), threading.Event()
@@ -508,12 +510,11 @@ class OfflineEvaluations:
     def note(self) -> str:
         return "evaluations overlapped with them" if self.overlap else "evaluations excluded"
 
-    def start(self, params, step: int, unchecked: list, last: bool) -> None:
+    def start(self, params, step: int, last: bool) -> None:
         """Evaluate `params` at offline update `step`, the losses so far logged first; in between (its time not the
         phase's `rate`) without --overlap-offline-eval or when it is the `last`. Call it before the loop counts the
         evaluation as done: after a signal the checkpoint is the one from before it, so the resume plays it again."""
-        log_offline_losses(self.run, unchecked, self.run.args.log_frequency, self.run.args.offline_steps)
-        self.wait()
+        self.log(wait=True)
         if self.run.interrupted:
             self.checkpoint()
         self.run.check_finite(params, "before the offline eval")  # here, not in the thread: the error names this step
@@ -530,9 +531,11 @@ class OfflineEvaluations:
         future = self.pool.submit(self.evaluate_student, params, desc="offline eval", seed_offset=20_000 + step, stop=self.cancel.is_set)
         self.pending = (step, params, future)
 
-    def poll(self) -> None:
-        """Log the pending evaluation if it has landed."""
-        if self.pending is not None and self.pending[2].done():
+    def log(self, wait: bool = False) -> None:
+        """Log the offline losses so far and the pending evaluation if it has landed; with `wait` (before a checkpoint or
+        the next evaluation) once it lands."""
+        log_offline_losses(self.run, self.unchecked, self.run.args.log_frequency, self.run.args.offline_steps)
+        if wait or (self.pending is not None and self.pending[2].done()):
             self.wait()
 
     def wait(self) -> None:

@@ -64,20 +64,21 @@ def test_an_overlapped_evaluation_lands_at_its_step_and_a_signal_keeps_it_for_th
             run.save("offline", dict(step=64, next_eval=96, **evals.progress()), evals.arrays())
             run.exit_if_interrupted()
 
-        with pytest.raises(Interrupted), OfflineEvaluations(run, held, lambda r: None, speed.SteadyRate(), params, device, checkpoint) as evals:
-            evals.start(params, 32, [], last=False)  # returns while the evaluation holds
+        with pytest.raises(Interrupted), OfflineEvaluations(run, held, lambda r: None, speed.SteadyRate(), [], params, device, checkpoint) as evals:
+            evals.start(params, 32, last=False)  # returns while the evaluation holds
             assert held.started.wait(10) and held.calls == [(20_032, held.calls[0][1])] and held.calls[0][1].startswith("offline-eval")
             assert evals.progress() == {"pending_eval": 32}
             for _ in range(3):
                 params = update(params)  # the updates go on, and free the evaluated buffers
-            evals.poll()
+            evals.log()  # (at a log step: nothing has landed)
             assert evals.pending is not None and logged(run, "offline/eval_return") == []
             held.release.set()
-            evals.wait()
+            evals.pending[2].result(timeout=10)  # it lands ...
+            evals.log()  # ... and the next log step logs it
             assert evals.pending is None and logged(run, "offline/eval_return") == [(32, 3.0)]  # the params at update 32
 
             held.release.clear(), held.started.clear()
-            evals.start(params, 64, [], last=False)  # on w = 4, b = 3
+            evals.start(params, 64, last=False)  # on w = 4, b = 3
             assert held.started.wait(10)
             os.kill(os.getpid(), signal.SIGTERM)  # the run's own handler: it asks the loop to checkpoint and leave
             params = update(params)
@@ -94,7 +95,7 @@ def test_an_overlapped_evaluation_lands_at_its_step_and_a_signal_keeps_it_for_th
         assert run.phase == "offline" and run.progress["pending_eval"] == 64
         held = HeldEvaluation(run, released=True)
         template = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
-        with OfflineEvaluations(run, held, lambda r: None, speed.SteadyRate(), template, device, lambda: None) as evals:
+        with OfflineEvaluations(run, held, lambda r: None, speed.SteadyRate(), [], template, device, lambda: None) as evals:
             assert evals.progress() == {"pending_eval": 64}
         assert [c[0] for c in held.calls] == [20_064]  # the same seeds and key as the stopped one
         assert logged(run, "offline/eval_return") == [(32, 3.0), (64, 18.0)]  # each once, the second of the saved w = 4, b = 3
@@ -109,8 +110,8 @@ def test_in_between_the_evaluation_holds_the_loop_and_an_error_stops_a_pending_o
     try:
         held, rate = HeldEvaluation(run, released=True), speed.SteadyRate()
         rate.start(0)
-        with OfflineEvaluations(run, held, lambda r: r / 10, rate, params, device, lambda: None) as evals:
-            evals.start(params, 32, [], last=False)
+        with OfflineEvaluations(run, held, lambda r: r / 10, rate, [], params, device, lambda: None) as evals:
+            evals.start(params, 32, last=False)
             assert held.calls == [(20_032, threading.current_thread().name)] and evals.pending is None and rate.paused > 0
         assert logged(run, "offline/eval_return") == [(32, 4.0)] and logged(run, "offline/teacher_normalized_score") == [(32, pytest.approx(0.4))]
     finally:
@@ -120,16 +121,16 @@ def test_in_between_the_evaluation_holds_the_loop_and_an_error_stops_a_pending_o
     try:
         held = HeldEvaluation(run)  # never released: only the error ends it
         with pytest.raises(RuntimeError, match="the loop failed"):
-            with OfflineEvaluations(run, held, lambda r: None, speed.SteadyRate(), params, device, lambda: None) as evals:
-                evals.start(params, 64, [], last=False)
+            with OfflineEvaluations(run, held, lambda r: None, speed.SteadyRate(), [], params, device, lambda: None) as evals:
+                evals.start(params, 64, last=False)
                 assert held.started.wait(10)
                 raise RuntimeError("the loop failed")
         assert evals.pending[2].done() and evals.pending[2].result() == ([], 37)  # stopped and joined, not left running
         assert logged(run, "offline/eval_return") == []
         # The last evaluation of the phase is played in between even when overlapping: nothing is left to overlap.
         held = HeldEvaluation(run, released=True)
-        with OfflineEvaluations(run, held, lambda r: None, speed.SteadyRate(), params, device, lambda: None) as evals:
-            evals.start(params, 96, [], last=True)
+        with OfflineEvaluations(run, held, lambda r: None, speed.SteadyRate(), [], params, device, lambda: None) as evals:
+            evals.start(params, 96, last=True)
             assert held.calls == [(20_096, threading.current_thread().name)] and evals.pending is None
     finally:
         run.close()
