@@ -71,7 +71,7 @@ UNKNOWN = "?"  # a flag the run's config does not hold
 # Flags that never change what is learned (reincarnate.config.RunArgs) and the run's identity: not compared.
 NOT_COMPARED = {"seed", "env_id", "run_name", "method", "track", "wandb_project_name", "wandb_entity", "capture_video",
                 "save_model", "upload_model", "hf_entity", "resume", "checkpoint_frequency", "checkpoint_minutes",
-                "keep_checkpoints", "log_frequency", "updates_per_call", "replay_on_host"}
+                "keep_checkpoints", "log_frequency", "updates_per_call", "overlap_offline_eval", "replay_on_host"}
 
 
 def parse_run_name(name: str) -> dict[str, Any]:
