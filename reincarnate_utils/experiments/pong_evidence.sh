@@ -33,9 +33,10 @@ teacher)
   resume=(); [[ -f runs/pong-teacher/args.json ]] && resume=(--resume)
   start=$(date +%s)
   timeout -s TERM -k 60 "$LIMIT" python qdagger_dqn_atari_jax.py --method tabula-rasa --run-name pong-teacher "${common[@]}" "${TEACHER[@]}" \
-    "${resume[@]}" 2>&1 | tail -n 40 | tee "$OUT/teacher.log" || true
+    "${resume[@]}" 2>&1 | tail -n 40 | tee -a "$OUT/teacher.log" || true  # appended: one block per window
   echo "machine: $machine; wall $(( $(date +%s) - start )) s" | tee -a "$OUT/teacher.log"
-  rsync -a --exclude checkpoints runs/pong-teacher "$OUT/"  # the run folder a script loads as a teacher (its model, args, probe, eval, log)
+  # The run folder a script loads as a teacher (its model, args, probe, eval, logs), without its checkpoints (GBs).
+  rm -rf "$OUT/pong-teacher" && tar -C runs --exclude checkpoints --exclude .lock -cf - pong-teacher | tar -C "$OUT" -xf -
   ;;
 compare)
   teacher=${TEACHER_DIR:-runs/pong-teacher}
