@@ -114,7 +114,7 @@ class RunArgs:
     updates_per_call: int | None = None
     """offline updates fused in one jitted call (lax.scan); the results equal one update per call; default 100 on an accelerator, 8 on a CPU (written out one after the other there: XLA:CPU runs convolutions inside a loop ~7x slower)"""
     overlap_offline_eval: bool = True
-    """play each offline evaluation (but the last) in its own thread while the offline updates go on: they feed no lambda, so every logged value is the same as played in between (tests/test_qdagger_dqn_e2e.py); --no-overlap-offline-eval plays them in between, as the reference"""
+    """play each offline evaluation (but the last) in its own thread while the offline updates go on. The reference plays them in between (OfflinePretrainingRunner.run_experiment runs each offline iteration through Dopamine's Runner._run_one_iteration: train phase, then eval phase; run_experiment.py:317-353 at 3eb419c), and its score changes nothing offline (record_score updates lambda only `if not self._persistent_phase`: distillation_dqn_agent.py:206, distillation_rainbow_agent.py:200), so every logged value is the same either way; --no-overlap-offline-eval plays them in between"""
     replay_on_host: bool = False
     """keep the replay buffers in host memory (the same jitted functions placed on the CPU device) when they do not fit the accelerator"""
 

@@ -12,8 +12,10 @@ import os
 import secrets
 import shlex
 import sys
+import threading
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -494,9 +496,6 @@ class OfflineEvaluations:
 
     def __init__(self, run: Run, evaluate_student: Callable, normalized: Callable, rate, unchecked: list, template, device,
                  checkpoint: Callable[[], None]):
-        import threading
-        from concurrent.futures import ThreadPoolExecutor
-
         self.run, self.evaluate_student, self.normalized, self.rate = run, evaluate_student, normalized, rate
         self.unchecked = unchecked  # the phase's offline calls whose losses are not logged yet (log_offline_losses)
         self.checkpoint = checkpoint  # the phase's checkpoint (a pending evaluation's progress() and arrays() in it); leaves after a signal

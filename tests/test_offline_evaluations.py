@@ -6,6 +6,7 @@ script logs the same values either way: test_qdagger_dqn_e2e.)"""
 import os
 import signal
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,8 @@ from reincarnate.run import Interrupted, OfflineEvaluations, Run
 
 class HeldEvaluation:
     """Stands for the evaluation's env play (evaluate_student's signature): it holds until `release` is set, ending
-    early, as the real one, when the run is interrupted or `stop()`; its return is the sum of the params it got."""
+    early, as the real one, when the run is interrupted or `stop()`; its return is the sum of the params it got. Held
+    more than 60 s it gives up with a return no test expects (a failure, not a hung test)."""
 
     def __init__(self, run: Run, released: bool = False):
         self.run, self.release, self.started, self.calls = run, threading.Event(), threading.Event(), []
@@ -32,9 +34,12 @@ class HeldEvaluation:
     def __call__(self, params, desc, seed_offset, stop=None):
         self.calls.append((seed_offset, threading.current_thread().name))
         self.started.set()
+        deadline = time.monotonic() + 60
         while not self.release.wait(0.01):
             if self.run.interrupted or (stop is not None and stop()):
                 return [], 37
+            if time.monotonic() > deadline:
+                return [-1.0], -1
         return [float(sum(np.sum(x) for x in jax.tree.leaves(params)))], 100
 
 
